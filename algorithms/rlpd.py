@@ -1,0 +1,638 @@
+"""RLPD: Reinforcement Learning with Prior Data, in one file.
+
+Ball, Smith, Kostrikov, Levine. "Efficient Online Reinforcement Learning with Offline Data",
+ICML 2023, https://arxiv.org/abs/2302.02948. Follows the official code, ikostrikov/rlpd
+(`train_finetuning.py`, `rlpd/agents/sac/sac_learner.py`, `configs/rlpd_config.py`).
+
+SAC trained from the start on a 50/50 mix of offline data and the online replay buffer
+("symmetric sampling"), with an ensemble of E=10 LayerNorm critics whose TD target is the min
+over a random subset of Z target critics, and G=20 critic updates per environment step.
+
+  * Per environment step, ONE jitted call inserts the transition into the on-device buffer,
+    samples G x B rows (each of the G minibatches holds round(B * offline_ratio) offline rows;
+    the official code interleaves offline and online rows to the same effect at ratio 0.5),
+    runs the G critic steps in a `lax.scan`, then one actor and one temperature step on the
+    last minibatch, and samples the next action. The official code unrolls G in Python.
+  * Critic target: r + gamma * mask * min over Z random target critics of Q(s', a'), minus
+    gamma * mask * alpha * log pi(a'|s') when `backup_entropy` is on (the paper's Algorithm 1,
+    line 17, has this sign wrong; the code subtracts). Actor: alpha * log pi - MEAN over all E.
+  * Temperature: alpha = exp(log_alpha), loss alpha * (entropy - target_entropy),
+    target entropy -|A|/2, initial alpha 1.
+  * Xavier-uniform initialisation; critic MLP Dense -> LayerNorm -> ReLU; actor without
+    LayerNorm; tanh-Gaussian actor with log-std clipped to [-20, 2].
+  * AntMaze: reward r - 1 on every transition (offline and online), Minari AntMaze relabelled
+    to D4RL semantics (common/datasets.py); masks are 1 - terminated, never 1 - truncated.
+
+Presets (official README and configs): locomotion 2x256, Z=2, entropy backup on, 250k steps;
+antmaze 3x256, Z=1, no entropy backup, 300k steps; adroit 3x256, Z=2, no entropy backup, 1M
+steps; random actions for the first 5000 steps (locomotion, antmaze) or 10000 (the official
+flag default, used for adroit and other domains). Other domains (kitchen, pointmaze) take the
+official flag defaults (2x256, Z=2, backup on, 1M steps); pointmaze is our own addition with a
+100k-step schedule, so that the no-argument default run finishes on a CPU.
+
+Deviations: none in the algorithm. Our own additions: `--offline-steps` (the official
+`pretrain_steps`, offline-only updates before the online phase, 0 by default), atomic
+checkpoints at episode boundaries with exact resume, and an offline ratio other than 0.5.
+
+Usage:
+  python algorithms/rlpd.py                                   # local PointMaze data, built on first use
+  python algorithms/rlpd.py --env antmaze-large               # D4RL/antmaze/large-diverse-v1
+  python algorithms/rlpd.py --env Hopper-v5 --offline-ratio 0 # online SAC from scratch
+  python algorithms/rlpd.py --resume runs/rlpd__...           # continue a stopped run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization, struct
+from flax.training.train_state import TrainState
+
+from common import buffers, checkpoint, datasets
+from common.cli import UserError, check, run_cli
+from common.evaluation import Evaluator
+from common.logger import CHECKPOINT_FILE, CONFIG_FILE, RunLogger, new_run_dir
+
+ALGORITHM = "rlpd"
+
+
+@dataclasses.dataclass
+class Args:
+    """RLPD (Ball et al. 2023). Flags left unset take the domain preset; an explicit flag always wins."""
+
+    # --- run ---
+    env: str = "local/pointmaze/umaze-dense-v0"
+    """D4RL-style name (antmaze-large), Minari id, local dataset id, or Gymnasium id (online-only, with --offline-ratio 0)."""
+    seed: int = 0
+    """One seed for network init, sampling, exploration and environment resets."""
+    log_dir: str = "runs"
+    """Root folder of run folders."""
+    resume: str | None = None
+    """Run folder to continue from its last checkpoint (its saved configuration is used)."""
+    checkpoint_every: int = 50_000
+    """Checkpoint at the first episode end after every this many steps (and at the end)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    # --- schedule ---
+    offline_steps: int = 0
+    """Offline-only updates before the online phase (official `pretrain_steps`; RLPD uses 0)."""
+    online_steps: int | None = None
+    """Environment steps of the online phase [preset]."""
+    start_training: int | None = None
+    """Random-action steps before the first update [preset]."""
+    utd: int = 20
+    """G: critic gradient steps per environment step."""
+    batch_size: int = 256
+    """Minibatch size B of one gradient step (offline and online rows together)."""
+    offline_ratio: float = 0.5
+    """Share of every minibatch drawn from the offline data (0 = online only, RLPD: 0.5)."""
+    eval_every: int = 5000
+    """Evaluate every this many steps of each phase."""
+    eval_episodes: int = 10
+    """Episodes per evaluation (deterministic policy)."""
+    log_every: int = 1000
+    """Write training scalars every this many steps."""
+
+    # --- network ---
+    hidden_dims: tuple[int, ...] | None = None
+    """Hidden layer widths of actor and critic MLPs [preset]."""
+    num_qs: int = 10
+    """E: critics in the ensemble."""
+
+    # --- algorithm ---
+    num_min_qs: int | None = None
+    """Z: target critics drawn (without replacement) for the min in the TD target [preset]."""
+    backup_entropy: bool | None = None
+    """Subtract gamma * alpha * log pi(a'|s') in the TD target [preset]."""
+    discount: float = 0.99
+    """Discount factor gamma."""
+    tau: float = 0.005
+    """Target network update rate."""
+    actor_lr: float = 3e-4
+    """Actor learning rate (Adam)."""
+    critic_lr: float = 3e-4
+    """Critic learning rate (Adam)."""
+    temp_lr: float = 3e-4
+    """Temperature learning rate (Adam)."""
+    init_temperature: float = 1.0
+    """Initial entropy temperature alpha."""
+    target_entropy: float | None = None
+    """Target entropy; default -|A|/2."""
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "locomotion": dict(hidden_dims=(256, 256), num_min_qs=2, backup_entropy=True,
+                       online_steps=250_000, start_training=5000),
+    "antmaze": dict(hidden_dims=(256, 256, 256), num_min_qs=1, backup_entropy=False,
+                    online_steps=300_000, start_training=5000),
+    "adroit": dict(hidden_dims=(256, 256, 256), num_min_qs=2, backup_entropy=False,
+                   online_steps=1_000_000, start_training=10_000),
+    "pointmaze": dict(hidden_dims=(256, 256), num_min_qs=2, backup_entropy=True,
+                      online_steps=100_000, start_training=5000),
+    "default": dict(hidden_dims=(256, 256), num_min_qs=2, backup_entropy=True,
+                    online_steps=1_000_000, start_training=10_000),
+}
+
+
+def apply_preset(args: Args, domain: str) -> Args:
+    """Fill every unset (None) field from the domain's preset."""
+    preset = PRESETS.get(domain, PRESETS["default"])
+    filled = {name: value for name, value in preset.items() if getattr(args, name) is None}
+    return dataclasses.replace(args, **filled)
+
+
+def transform_rewards(rewards: np.ndarray, domain: str) -> np.ndarray:
+    """RLPD's reward transform: r - 1 on AntMaze, unchanged elsewhere."""
+    return rewards - 1.0 if domain == "antmaze" else rewards
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+
+default_init = nn.initializers.xavier_uniform
+
+
+class MLP(nn.Module):
+    hidden_dims: tuple[int, ...]
+    layer_norm: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        for width in self.hidden_dims:
+            x = nn.Dense(width, kernel_init=default_init())(x)
+            if self.layer_norm:
+                x = nn.LayerNorm()(x)
+            x = nn.relu(x)
+        return x
+
+
+class Critic(nn.Module):
+    hidden_dims: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, observations, actions):
+        x = MLP(self.hidden_dims, layer_norm=True)(jnp.concatenate([observations, actions], -1))
+        return nn.Dense(1, kernel_init=default_init())(x).squeeze(-1)
+
+
+class CriticEnsemble(nn.Module):
+    """`num` independent critics evaluated in one vmapped call; output shape (num, batch)."""
+
+    hidden_dims: tuple[int, ...]
+    num: int
+
+    @nn.compact
+    def __call__(self, observations, actions):
+        ensemble = nn.vmap(Critic, variable_axes={"params": 0}, split_rngs={"params": True},
+                           in_axes=None, out_axes=0, axis_size=self.num)
+        return ensemble(self.hidden_dims)(observations, actions)
+
+
+class Actor(nn.Module):
+    """Tanh-Gaussian policy head: returns the Gaussian's mean and log-std before the tanh."""
+
+    hidden_dims: tuple[int, ...]
+    action_dim: int
+
+    @nn.compact
+    def __call__(self, observations):
+        x = MLP(self.hidden_dims)(observations)
+        mean = nn.Dense(self.action_dim, kernel_init=default_init())(x)
+        log_std = nn.Dense(self.action_dim, kernel_init=default_init())(x)
+        return mean, jnp.clip(log_std, -20.0, 2.0)
+
+
+class Temperature(nn.Module):
+    init_value: float = 1.0
+
+    @nn.compact
+    def __call__(self):
+        log_temp = self.param("log_temp", lambda _: jnp.full((), jnp.log(self.init_value)))
+        return jnp.exp(log_temp)
+
+
+def sample_tanh_normal(key, mean, log_std):
+    """A tanh-squashed Gaussian sample and its log-probability (summed over action dims)."""
+    noise = jax.random.normal(key, mean.shape)
+    pre_tanh = mean + jnp.exp(log_std) * noise
+    gaussian_log_prob = -0.5 * noise**2 - log_std - 0.5 * jnp.log(2.0 * jnp.pi)
+    # log(1 - tanh(x)^2), written stably
+    log_det = 2.0 * (jnp.log(2.0) - pre_tanh - jax.nn.softplus(-2.0 * pre_tanh))
+    return jnp.tanh(pre_tanh), (gaussian_log_prob - log_det).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Agent state and losses
+
+
+@struct.dataclass
+class Config:
+    """Static settings the jitted functions close over."""
+
+    actor: Actor = struct.field(pytree_node=False)
+    critic: CriticEnsemble = struct.field(pytree_node=False)
+    target_critic: CriticEnsemble = struct.field(pytree_node=False)  # the Z-member subset
+    num_qs: int = struct.field(pytree_node=False)
+    num_min_qs: int = struct.field(pytree_node=False)
+    discount: float = struct.field(pytree_node=False)
+    tau: float = struct.field(pytree_node=False)
+    backup_entropy: bool = struct.field(pytree_node=False)
+    target_entropy: float = struct.field(pytree_node=False)
+
+
+class Agent(struct.PyTreeNode):
+    actor: TrainState
+    critic: TrainState
+    target_critic_params: Any
+    temperature: TrainState
+    key: jax.Array
+
+
+def make_config(args: Args, action_dim: int) -> Config:
+    hidden = tuple(args.hidden_dims)
+    target_entropy = -action_dim / 2 if args.target_entropy is None else args.target_entropy
+    return Config(Actor(hidden, action_dim), CriticEnsemble(hidden, args.num_qs),
+                  CriticEnsemble(hidden, args.num_min_qs), args.num_qs, args.num_min_qs,
+                  args.discount, args.tau, args.backup_entropy, target_entropy)
+
+
+def create_agent(args: Args, config: Config, observation_dim: int, action_dim: int) -> Agent:
+    key, actor_key, critic_key, temp_key = jax.random.split(jax.random.PRNGKey(args.seed), 4)
+    observations, actions = jnp.zeros((1, observation_dim)), jnp.zeros((1, action_dim))
+    actor = TrainState.create(apply_fn=config.actor.apply, tx=optax.adam(args.actor_lr),
+                              params=config.actor.init(actor_key, observations)["params"])
+    critic_params = config.critic.init(critic_key, observations, actions)["params"]
+    critic = TrainState.create(apply_fn=config.critic.apply, params=critic_params, tx=optax.adam(args.critic_lr))
+    temperature_module = Temperature(args.init_temperature)
+    temperature = TrainState.create(apply_fn=temperature_module.apply, tx=optax.adam(args.temp_lr),
+                                    params=temperature_module.init(temp_key)["params"])
+    target_params = jax.tree_util.tree_map(jnp.copy, critic_params)  # own buffers: the state is donated
+    return Agent(actor, critic, target_params, temperature, key)
+
+
+def td_target(key, batch, actor_params, target_params, temperature, config: Config):
+    """r + gamma * mask * (min over a random Z-subset of target critics - [alpha * log pi])."""
+    action_key, subset_key = jax.random.split(key)
+    mean, log_std = config.actor.apply({"params": actor_params}, batch["next_observations"])
+    next_actions, next_log_probs = sample_tanh_normal(action_key, mean, log_std)
+    members = jax.random.choice(subset_key, config.num_qs, (config.num_min_qs,), replace=False)
+    subset = jax.tree_util.tree_map(lambda leaf: leaf[members], target_params)
+    next_q = config.target_critic.apply({"params": subset}, batch["next_observations"], next_actions).min(0)
+    if config.backup_entropy:
+        next_q = next_q - temperature * next_log_probs
+    return batch["rewards"] + config.discount * batch["masks"] * next_q
+
+
+def critic_loss(critic_params, batch, target_q, config: Config):
+    """Mean squared TD error over every critic of the ensemble and every row."""
+    qs = config.critic.apply({"params": critic_params}, batch["observations"], batch["actions"])
+    return ((qs - target_q) ** 2).mean(), qs.mean()
+
+
+def actor_loss(actor_params, key, batch, critic_params, temperature, config: Config):
+    """alpha * log pi(a|s) - MEAN over all E critics of Q(s, a), a ~ pi(s)."""
+    mean, log_std = config.actor.apply({"params": actor_params}, batch["observations"])
+    actions, log_probs = sample_tanh_normal(key, mean, log_std)
+    q = config.critic.apply({"params": critic_params}, batch["observations"], actions).mean(0)
+    return (temperature * log_probs - q).mean(), -log_probs.mean()
+
+
+def temperature_loss(temperature_params, entropy, target_entropy, temperature_apply):
+    temperature = temperature_apply({"params": temperature_params})
+    return temperature * (entropy - target_entropy)
+
+
+def current_temperature(agent: Agent):
+    return agent.temperature.apply_fn({"params": agent.temperature.params})
+
+
+def update_critic(agent: Agent, batch, config: Config):
+    key, target_key = jax.random.split(agent.key)
+    target_q = td_target(target_key, batch, agent.actor.params, agent.target_critic_params,
+                         current_temperature(agent), config)
+    (loss, q), grads = jax.value_and_grad(critic_loss, has_aux=True)(agent.critic.params, batch, target_q, config)
+    critic = agent.critic.apply_gradients(grads=grads)
+    target = optax.incremental_update(critic.params, agent.target_critic_params, config.tau)
+    return agent.replace(critic=critic, target_critic_params=target, key=key), {"critic_loss": loss, "q": q}
+
+
+def update_actor_and_temperature(agent: Agent, batch, config: Config):
+    key, actor_key = jax.random.split(agent.key)
+    (loss, entropy), grads = jax.value_and_grad(actor_loss, has_aux=True)(
+        agent.actor.params, actor_key, batch, agent.critic.params, current_temperature(agent), config)
+    actor = agent.actor.apply_gradients(grads=grads)
+    temp_loss, temp_grads = jax.value_and_grad(temperature_loss)(
+        agent.temperature.params, entropy, config.target_entropy, agent.temperature.apply_fn)
+    temperature = agent.temperature.apply_gradients(grads=temp_grads)
+    agent = agent.replace(actor=actor, temperature=temperature, key=key)
+    return agent, {"actor_loss": loss, "entropy": entropy, "temperature_loss": temp_loss,
+                   "temperature": current_temperature(agent)}
+
+
+def update_on_batches(agent: Agent, batches, config: Config):
+    """G critic steps, one per minibatch of `batches` (leading axis G), in a lax.scan; then one
+    actor and one temperature step on the last minibatch."""
+    agent, critic_info = jax.lax.scan(functools.partial(update_critic, config=config), agent, batches)
+    last = jax.tree_util.tree_map(lambda leaf: leaf[-1], batches)
+    agent, actor_info = update_actor_and_temperature(agent, last, config)
+    return agent, {**jax.tree_util.tree_map(jnp.mean, critic_info), **actor_info}
+
+
+def update(agent: Agent, offline, online, config: Config, utd: int, batch_size: int, offline_ratio: float):
+    """Sample G x B rows on the device, then `update_on_batches`."""
+    key, sample_key = jax.random.split(agent.key)
+    batches = buffers.sample_mixed(sample_key, offline, online, utd, batch_size, offline_ratio)
+    return update_on_batches(agent.replace(key=key), batches, config)
+
+
+def act(agent: Agent, observation, config: Config):
+    """A stochastic action for exploration; the key advances inside the agent."""
+    key, action_key = jax.random.split(agent.key)
+    mean, log_std = config.actor.apply({"params": agent.actor.params}, observation)
+    action, _ = sample_tanh_normal(action_key, mean, log_std)
+    return agent.replace(key=key), action
+
+
+def deterministic_policy(config: Config) -> Callable:
+    """The evaluation policy: tanh of the Gaussian mean."""
+    @jax.jit
+    def policy(actor_params, observations):
+        return jnp.tanh(config.actor.apply({"params": actor_params}, observations)[0])
+    return policy
+
+
+def make_step_functions(args: Args, config: Config):
+    """The jitted calls of the training loop. `online_step` is THE one call per env step."""
+
+    def online_step(agent, online, offline, transition, observation, train: bool):
+        online = buffers.insert(online, transition)
+        info = {}
+        if train:
+            agent, info = update(agent, offline, online, config, args.utd, args.batch_size, args.offline_ratio)
+        agent, action = act(agent, observation, config)
+        return agent, online, action, info
+
+    def offline_chunk(agent, offline, num_updates: int):
+        def body(agent, _):
+            return update(agent, offline, None, config, args.utd, args.batch_size, 1.0)
+        agent, infos = jax.lax.scan(body, agent, None, length=num_updates)
+        return agent, jax.tree_util.tree_map(lambda leaf: leaf[-1], infos)
+
+    online_step = jax.jit(online_step, static_argnames="train", donate_argnums=(0, 1))
+    offline_chunk = jax.jit(offline_chunk, static_argnames="num_updates", donate_argnums=0)
+    return online_step, offline_chunk
+
+
+# ---------------------------------------------------------------------------------------------
+# Data, validation, checkpoints
+
+
+def validate(args: Args) -> None:
+    """Every flag check that needs no data; runs before anything is loaded or compiled."""
+    check(0.0 <= args.offline_ratio <= 1.0, f"--offline-ratio must lie in [0, 1], got {args.offline_ratio}.")
+    check(args.utd >= 1, f"--utd (G) must be at least 1, got {args.utd}.")
+    check(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}.")
+    n_offline = args.batch_size * args.offline_ratio
+    check(abs(n_offline - round(n_offline)) < 1e-6,
+          f"--batch-size {args.batch_size} cannot be split by --offline-ratio {args.offline_ratio}: "
+          f"batch-size x ratio = {n_offline:g} offline rows must be a whole number.")
+    for name in ("offline_steps", "online_steps", "start_training"):
+        value = getattr(args, name)
+        check(value is None or value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}.")
+    for name in ("eval_every", "eval_episodes", "checkpoint_every", "log_every", "num_qs"):
+        value = getattr(args, name)
+        check(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}.")
+    check(args.num_min_qs is None or 1 <= args.num_min_qs <= args.num_qs,
+          f"--num-min-qs must lie in [1, --num-qs={args.num_qs}], got {args.num_min_qs}.")
+    check(args.hidden_dims is None or (len(args.hidden_dims) > 0 and min(args.hidden_dims) > 0),
+          f"--hidden-dims must be positive widths, got {args.hidden_dims}.")
+    check(0.0 < args.discount <= 1.0 and 0.0 < args.tau <= 1.0, "--discount and --tau must lie in (0, 1].")
+    check(args.init_temperature > 0, "--init-temperature must be positive.")
+
+
+def needs_offline_data(args: Args) -> bool:
+    return args.offline_ratio > 0 or args.offline_steps > 0
+
+
+def load_offline_data(task: datasets.Task, dataset, action_space) -> dict[str, np.ndarray]:
+    """The dataset as RLPD's training rows: rewards transformed, masks = 1 - terminated."""
+    transitions = datasets.episodes_to_transitions(dataset.iterate_episodes(), task.domain)
+    return {
+        "observations": transitions["observations"],
+        "actions": datasets.clip_actions(transitions["actions"], action_space),
+        "rewards": transform_rewards(transitions["rewards"], task.domain),
+        "next_observations": transitions["next_observations"],
+        "masks": 1.0 - transitions["terminated"].astype(np.float32),
+    }
+
+
+def episode_seed(seed: int, kind: int, index: int) -> int:
+    """Reset seed of training episode (kind 0) or evaluation round (kind 1) number `index`."""
+    return int(np.random.SeedSequence([seed, kind, index]).generate_state(1)[0])
+
+
+@dataclasses.dataclass
+class Progress:
+    """Counters a checkpoint must carry besides networks and buffers."""
+
+    offline_step: int = 0
+    online_step: int = 0
+    episode: int = 0
+    evaluations: int = 0
+    next_checkpoint: int = 0
+    finished: bool = False
+
+
+def save_checkpoint(run_dir, agent, online, progress: Progress, rng: np.random.Generator, action, elapsed):
+    payload = {
+        "agent": serialization.to_state_dict(jax.device_get(agent)),
+        "online_rows": buffers.filled_rows(online),
+        "online_cursor": int(online.cursor),
+        "progress": dataclasses.asdict(progress),
+        "numpy_rng": json.dumps(rng.bit_generator.state),
+        "pending_action": np.zeros(0, np.float32) if action is None else np.asarray(action),
+        "elapsed": elapsed,
+    }
+    checkpoint.save(os.path.join(run_dir, CHECKPOINT_FILE), payload)
+
+
+def restore_checkpoint(run_dir, agent, online):
+    payload = checkpoint.load(os.path.join(run_dir, CHECKPOINT_FILE))
+    try:
+        agent = serialization.from_state_dict(agent, payload["agent"])
+        online = buffers.restore_rows(online, payload["online_rows"], payload["online_cursor"])
+        rng = np.random.default_rng()
+        rng.bit_generator.state = json.loads(payload["numpy_rng"])
+        action = payload["pending_action"]
+        return (agent, online, Progress(**payload["progress"]), rng,
+                None if action.size == 0 else action, payload["elapsed"])
+    except (KeyError, ValueError, TypeError) as error:
+        raise UserError(f"checkpoint in {run_dir} does not match this run's configuration: {error}") from None
+
+
+def read_run_config(run_dir: str) -> Args:
+    """The Args a run folder was started with (for --resume and load_policy)."""
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"--resume {run_dir}: no {CONFIG_FILE} there; is it a run folder of {ALGORITHM}.py?")
+    try:
+        with open(path) as file:
+            saved = json.load(file)
+        fields = {field.name for field in dataclasses.fields(Args)}
+        args = Args(**{key: value for key, value in saved.items() if key in fields})
+    except (json.JSONDecodeError, TypeError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None
+    if saved.get("algorithm") != ALGORITHM:
+        raise UserError(f"{run_dir} is a run of {saved.get('algorithm')!r}, not {ALGORITHM}.")
+    return dataclasses.replace(args, hidden_dims=tuple(args.hidden_dims))
+
+
+def load_policy(run_dir: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The deterministic policy of a run's last checkpoint: (n, obs_dim) -> (n, act_dim) in [-1, 1]."""
+    args = read_run_config(run_dir)
+    with open(os.path.join(run_dir, CONFIG_FILE)) as file:
+        dims = json.load(file)
+    config = make_config(args, dims["action_dim"])
+    agent = create_agent(args, config, dims["observation_dim"], dims["action_dim"])
+    payload = checkpoint.load(os.path.join(run_dir, CHECKPOINT_FILE))
+    actor_params = serialization.from_state_dict(agent, payload["agent"]).actor.params
+    policy = deterministic_policy(config)
+    return lambda observations: np.asarray(policy(actor_params, jnp.asarray(observations, jnp.float32)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def main(args: Args) -> str:
+    """Train (or resume) one run; returns its run folder."""
+    run_dir = None
+    if args.resume is not None:
+        run_dir = args.resume
+        args = read_run_config(run_dir)
+        if not os.path.isfile(os.path.join(run_dir, CHECKPOINT_FILE)):
+            raise UserError(f"--resume {run_dir}: no checkpoint at {os.path.join(run_dir, CHECKPOINT_FILE)}.")
+    validate(args)
+    task = datasets.resolve(args.env)
+    args = apply_preset(args, task.domain)
+    validate(args)
+    if needs_offline_data(args) and task.dataset_id is None:
+        raise UserError(f"--env {args.env} is an environment without a dataset: pass --offline-ratio 0 "
+                        f"(and --offline-steps 0) for online-only RLPD, or name a dataset.")
+    dataset = datasets.load_dataset(task) if task.dataset_id is not None else None
+    make_env = datasets.env_factory(task, dataset)
+    env = make_env()
+    observation_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    offline = None
+    if needs_offline_data(args):
+        offline_rows = load_offline_data(task, dataset, dataset.action_space)
+        check(offline_rows["observations"].shape[1] == observation_dim,
+              f"dataset observations have {offline_rows['observations'].shape[1]} dims, the env {observation_dim}.")
+        offline = buffers.from_arrays(offline_rows)
+
+    config = make_config(args, action_dim)
+    agent = create_agent(args, config, observation_dim, action_dim)
+    example = {"observations": np.zeros(observation_dim, np.float32), "actions": np.zeros(action_dim, np.float32),
+               "rewards": np.float32(0), "next_observations": np.zeros(observation_dim, np.float32),
+               "masks": np.float32(0)}
+    online = buffers.empty_like(example, max(args.online_steps, 1))
+    rng, progress, pending_action, elapsed = np.random.default_rng(args.seed), Progress(), None, 0.0
+    resume_step = None
+    if run_dir is not None:
+        agent, online, progress, rng, pending_action, elapsed = restore_checkpoint(run_dir, agent, online)
+        if progress.finished:
+            print(f"{run_dir} has already finished.")
+            return run_dir
+        resume_step = progress.offline_step + progress.online_step
+        print(f"Resuming {run_dir} at step {resume_step} with its saved configuration.")
+    else:
+        run_dir = new_run_dir(args.log_dir, ALGORITHM, args.env, args.seed)
+        progress.next_checkpoint = args.checkpoint_every
+
+    config_record = {"algorithm": ALGORITHM, **dataclasses.asdict(args), "domain": task.domain,
+                     "dataset_id": task.dataset_id, "observation_dim": observation_dim, "action_dim": action_dim}
+    logger = RunLogger(run_dir, config_record, args.offline_steps + args.online_steps, resume_step, elapsed, args.progress)
+    evaluator = Evaluator(make_env, args.eval_episodes, datasets.scoring_for(dataset, task.domain))
+    policy = deterministic_policy(config)
+    online_step, offline_chunk = make_step_functions(args, config)
+
+    def evaluate(phase: str, step: int):
+        seed = episode_seed(args.seed, 1, progress.evaluations)
+        metrics = evaluator(lambda obs: policy(agent.actor.params, obs), seed)
+        progress.evaluations += 1
+        logger.evaluation(step, phase, metrics)
+
+    def checkpoint_now(action):
+        save_checkpoint(run_dir, agent, online, progress, rng, action, logger.elapsed())
+
+    # Offline phase (optional): chunks of updates between evaluations / checkpoints.
+    while progress.offline_step < args.offline_steps:
+        if progress.offline_step % args.eval_every == 0:
+            evaluate("offline", progress.offline_step)
+        boundary = min(args.offline_steps, (progress.offline_step // args.eval_every + 1) * args.eval_every)
+        chunk = min(boundary - progress.offline_step, args.log_every)
+        agent, info = offline_chunk(agent, offline, chunk)
+        progress.offline_step += chunk
+        logger.scalars({f"train/{k}": v for k, v in info.items()}, progress.offline_step)
+        logger.advance(chunk)
+        if progress.offline_step >= progress.next_checkpoint and progress.offline_step < args.offline_steps:
+            progress.next_checkpoint += args.checkpoint_every
+            checkpoint_now(None)
+
+    # Online phase: one jitted call per environment step.
+    base = args.offline_steps
+    if progress.online_step == 0 and pending_action is None:
+        evaluate("online" if args.offline_steps == 0 else "offline", base)
+        progress.next_checkpoint = base + args.checkpoint_every
+    observation, _ = env.reset(seed=episode_seed(args.seed, 0, progress.episode))
+    action = pending_action
+    episode_return = 0.0
+    while progress.online_step < args.online_steps:
+        if progress.online_step < args.start_training or action is None:
+            action = rng.uniform(-1.0, 1.0, action_dim).astype(np.float32)
+        next_observation, reward, terminated, truncated, info = env.step(np.asarray(action))
+        episode_return += reward
+        transition = {"observations": observation, "actions": np.asarray(action, np.float32),
+                      "rewards": np.float32(transform_rewards(reward, task.domain)),
+                      "next_observations": next_observation, "masks": np.float32(1.0 - terminated)}
+        episode_over = terminated or truncated
+        if episode_over:
+            logger.scalars({"train/episode_return": episode_return}, base + progress.online_step + 1)
+            progress.episode += 1
+            next_observation, _ = env.reset(seed=episode_seed(args.seed, 0, progress.episode))
+            episode_return = 0.0
+        train = progress.online_step >= args.start_training
+        agent, online, action, step_info = online_step(agent, online, offline, transition, next_observation, train)
+        observation = next_observation
+        progress.online_step += 1
+        logger.advance()
+        step = base + progress.online_step
+        if train and progress.online_step % args.log_every == 0:
+            logger.scalars({f"train/{k}": v for k, v in step_info.items()}, step)
+            logger.scalars({"time/sps": logger.bar.format_dict["rate"] or 0.0}, step)
+        if progress.online_step % args.eval_every == 0 or progress.online_step == args.online_steps:
+            evaluate("online", step)
+        if episode_over and step >= progress.next_checkpoint and progress.online_step < args.online_steps:
+            progress.next_checkpoint = step + args.checkpoint_every
+            checkpoint_now(action)
+    progress.finished = True
+    checkpoint_now(action)
+    logger.close()
+    evaluator.close()
+    print(f"Finished. Run folder: {run_dir}")
+    return run_dir
+
+
+if __name__ == "__main__":
+    run_cli(main, Args)

@@ -1,0 +1,345 @@
+"""From an `--env` name to flat transitions, the right environments and a scoring rule.
+
+Names (`resolve`):
+  * D4RL-style names, e.g. `antmaze-large-diverse`, `hopper-medium`, `pen-human`, `kitchen-mixed`,
+    `pointmaze-umaze-dense`; a trailing D4RL version (`-v0`, `-v2`) is ignored. Short forms:
+    `antmaze-medium` = `antmaze-medium-diverse`, `antmaze-large` = `antmaze-large-diverse`.
+    `ALIASES` holds every name and its Minari id.
+  * Minari ids, e.g. `D4RL/antmaze/large-diverse-v1`, `mujoco/hopper/medium-v0`.
+  * Local datasets: any id in Minari's local folder (`minari list local`), including the
+    `local/...` ids that `benchmarks/build_dataset.py` makes; a buildable `local/...` id that is
+    missing is built on first use.
+  * A registered Gymnasium env id (`Hopper-v5`) for online-only runs, with no dataset.
+
+Missing datasets are downloaded by Minari. Without a network the download is not attempted
+(Minari would retry for ~25 s): `load_dataset` raises one UserError naming the dataset, where it
+was looked for and the command that fetches it.
+
+Observations: dict observations are flattened by `flatten_observation` in the order of
+`OBSERVATION_KEYS[domain]` (nested dicts, e.g. Kitchen's goals, in sorted key order):
+  * antmaze: achieved_goal (x, y) then observation -> D4RL's 29-dim AntMaze observation
+    (the goal is fixed per maze, as in D4RL, so it is not appended);
+  * pointmaze: observation then desired_goal (the goal is re-drawn during data collection, so
+    the policy must see it; achieved_goal repeats observation[:2] and is left out);
+  * kitchen: observation only (robot and object state; the task set is fixed per dataset);
+  * anything else: every key in sorted order.
+
+AntMaze (`relabel_antmaze`): Minari's AntMaze data is a continuing task whose reward is 1 on
+every step within 0.45 of the goal. Each episode is cut at its first goal-reaching step, which
+becomes a terminal with reward 1 (rewards before it are 0); failed episodes are kept whole.
+Online and evaluation AntMaze envs are made with `continuing_task=False`, so they terminate at
+success, and AntMaze is scored by success (`Scoring.by_success`), D4RL's normalized score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import os
+import re
+import socket
+from typing import Any, Mapping
+
+import gymnasium as gym
+import numpy as np
+
+from common.cli import UserError
+
+DOMAINS = ("antmaze", "pointmaze", "adroit", "kitchen", "locomotion")
+
+OBSERVATION_KEYS: dict[str, tuple[str, ...]] = {
+    "antmaze": ("achieved_goal", "observation"),
+    "pointmaze": ("observation", "desired_goal"),
+    "kitchen": ("observation",),
+}
+
+_ANTMAZE = ["umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse"]
+_ADROIT = [f"{task}-{kind}" for task in ("pen", "door", "hammer", "relocate") for kind in ("human", "cloned", "expert")]
+_POINTMAZE = [f"{maze}{dense}" for maze in ("open", "umaze", "medium", "large") for dense in ("", "-dense")]
+_MUJOCO = ["halfcheetah", "hopper", "walker2d", "ant", "humanoid", "humanoidstandup", "invertedpendulum",
+           "inverteddoublependulum", "pusher", "reacher", "swimmer"]
+
+ALIASES: dict[str, str] = {
+    **{f"antmaze-{name}": f"D4RL/antmaze/{name}-v1" for name in _ANTMAZE},
+    "antmaze-medium": "D4RL/antmaze/medium-diverse-v1",
+    "antmaze-large": "D4RL/antmaze/large-diverse-v1",
+    **{name: f"D4RL/{name.replace('-', '/')}-v2" for name in _ADROIT},
+    **{f"kitchen-{kind}": f"D4RL/kitchen/{kind}-v2" for kind in ("complete", "partial", "mixed")},
+    **{f"pointmaze-{name}": f"D4RL/pointmaze/{name}-v2" for name in _POINTMAZE},
+    **{f"{env}-{kind}": f"mujoco/{env}/{kind}-v0" for env in _MUJOCO for kind in ("simple", "medium", "expert")},
+}
+
+_NOT_IN_MINARI = ("random", "medium-replay", "medium-expert", "full-replay", "binary")
+_MINARI_ID = re.compile(r"^[\w.-]+(/[\w.-]+)*-v\d+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What an `--env` name stands for."""
+
+    name: str  # as the user typed it
+    dataset_id: str | None  # Minari id, or None for an online-only Gymnasium env
+    env_id: str | None  # Gymnasium id for online-only runs; datasets carry their own env spec
+    domain: str
+
+
+def detect_domain(identifier: str) -> str:
+    """The domain of a dataset or env id; it selects presets and reward transforms."""
+    lowered = identifier.lower()
+    if "antmaze" in lowered:
+        return "antmaze"
+    if "pointmaze" in lowered:
+        return "pointmaze"
+    if "kitchen" in lowered:
+        return "kitchen"
+    if "adroit" in lowered or re.search(r"(^|/)(pen|door|hammer|relocate)\b", lowered):
+        return "adroit"
+    return "locomotion"
+
+
+def resolve(name: str) -> Task:
+    """Resolve an `--env` name; raise UserError listing the closest names when it is unknown."""
+    if _is_local(name) or _buildable(name) or (_MINARI_ID.match(name) and "/" in name):
+        return Task(name, name, None, detect_domain(name))
+    short = re.sub(r"-v\d+$", "", name)
+    if short in ALIASES:
+        return Task(name, ALIASES[short], None, detect_domain(ALIASES[short]))
+    if name in gym.registry:
+        return Task(name, None, name, detect_domain(name))
+    raise UserError(_unknown_name_message(name, short))
+
+
+def _unknown_name_message(name: str, short: str) -> str:
+    message = f"unknown --env {name!r}."
+    if any(short.endswith(kind) for kind in _NOT_IN_MINARI):
+        message += " Minari has no D4RL random / medium-replay / medium-expert / binary datasets."
+    candidates = [*ALIASES, *_local_ids(), *gym.registry]
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
+    if close:
+        message += " Closest names: " + ", ".join(close) + "."
+    return message + " See the README's dataset table, or `minari list local`."
+
+
+def _local_ids() -> list[str]:
+    import minari
+
+    return list(minari.list_local_datasets())
+
+
+def _dataset_path(dataset_id: str) -> str:
+    from minari.storage import get_dataset_path
+
+    return str(get_dataset_path(dataset_id))
+
+
+def _is_local(dataset_id: str) -> bool:
+    return "/" in dataset_id and os.path.isdir(os.path.join(_dataset_path(dataset_id), "data"))
+
+
+def _buildable(dataset_id: str) -> bool:
+    return dataset_id.startswith("local/") and _builder().is_buildable(dataset_id)
+
+
+def _builder():
+    return importlib.import_module("benchmarks.build_dataset")
+
+
+def _remote_host() -> str:
+    remote = os.environ.get("MINARI_REMOTE", "hf://farama-minari")
+    return "storage.googleapis.com" if remote.startswith("gcp://") else "huggingface.co"
+
+
+def _can_reach(host: str, timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", ""):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_dataset(task: Task):
+    """The Minari dataset of `task`: local, built on first use (local/ ids) or downloaded."""
+    import minari
+
+    dataset_id = task.dataset_id
+    assert dataset_id is not None, "online-only tasks have no dataset"
+    path = _dataset_path(dataset_id)
+    if _is_local(dataset_id):
+        return minari.load_dataset(dataset_id)
+    if dataset_id.startswith("local/"):
+        if not _buildable(dataset_id):
+            raise UserError(f"local dataset {dataset_id!r} was not found at {path}, and "
+                            f"benchmarks/build_dataset.py does not know how to build it "
+                            f"(it builds: {', '.join(_builder().BUILDABLE_PATTERNS)}).")
+        print(f"Building local dataset {dataset_id} at {path} by simulation (first use; cached afterwards).")
+        return _builder().build(dataset_id)
+    host = _remote_host()
+    if not _can_reach(host):
+        raise UserError(
+            f"dataset {dataset_id!r} (from --env {task.name}) is not on this machine and cannot be "
+            f"downloaded: no connection to {host}.\n  Looked for it in: {path}\n"
+            f"  On a connected machine run:  minari download {dataset_id}\n"
+            f"  then copy ~/.minari/datasets/{dataset_id} to {path} "
+            f"(or set MINARI_DATASETS_PATH to a folder that holds it).")
+    print(f"Downloading {dataset_id} with Minari into {path} ...")
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except ValueError as error:  # Minari's answer for ids it does not host
+        raise UserError(f"Minari could not download {dataset_id!r}: {error}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Observations and transitions
+
+
+def flatten_observation(observation: Any, domain: str) -> np.ndarray:
+    """A flat float32 array (or a batch of them) from a Box or dict observation; see module doc."""
+    if not isinstance(observation, Mapping):
+        return np.asarray(observation, dtype=np.float32)
+    keys = OBSERVATION_KEYS.get(domain, tuple(sorted(observation)))
+    parts = [_flatten_nested(observation[key]) for key in keys]
+    return np.concatenate(parts, axis=-1).astype(np.float32)
+
+
+def _flatten_nested(value: Any) -> np.ndarray:
+    if isinstance(value, Mapping):
+        return np.concatenate([_flatten_nested(value[key]) for key in sorted(value)], axis=-1)
+    return np.asarray(value, dtype=np.float32)
+
+
+def relabel_antmaze(rewards: np.ndarray, terminations: np.ndarray, truncations: np.ndarray):
+    """D4RL semantics for one Minari AntMaze episode: (length, rewards, terminations, truncations).
+
+    The episode ends at its first step with reward > 0, which becomes a terminal with reward 1.
+    """
+    successes = np.flatnonzero(rewards > 0)
+    if len(successes) == 0:
+        return len(rewards), np.zeros_like(rewards), terminations, truncations
+    length = successes[0] + 1
+    new_rewards = np.zeros(length, dtype=rewards.dtype)
+    new_rewards[-1] = 1.0
+    new_terminations = np.zeros(length, dtype=bool)
+    new_terminations[-1] = True
+    return length, new_rewards, new_terminations, np.zeros(length, dtype=bool)
+
+
+def episodes_to_transitions(episodes, domain: str) -> dict[str, np.ndarray]:
+    """Flat transitions from Minari episodes.
+
+    Keys: observations, actions, rewards, next_observations, terminated, truncated (bool),
+    episode_ends (bool: the last kept step of each episode; also true where an episode stops
+    without terminating or truncating, e.g. a cut recording).
+    """
+    columns: dict[str, list[np.ndarray]] = {key: [] for key in (
+        "observations", "actions", "rewards", "next_observations", "terminated", "truncated", "episode_ends")}
+    for episode in episodes:
+        rewards = np.asarray(episode.rewards, dtype=np.float32)
+        terminations = np.asarray(episode.terminations, dtype=bool)
+        truncations = np.asarray(episode.truncations, dtype=bool)
+        length = len(rewards)
+        if domain == "antmaze":
+            length, rewards, terminations, truncations = relabel_antmaze(rewards, terminations, truncations)
+        if length == 0:
+            continue
+        observations = flatten_observation(episode.observations, domain)
+        ends = np.zeros(length, dtype=bool)
+        ends[-1] = True
+        columns["observations"].append(observations[:length])
+        columns["next_observations"].append(observations[1:length + 1])
+        columns["actions"].append(np.asarray(episode.actions, dtype=np.float32)[:length])
+        columns["rewards"].append(rewards[:length])
+        columns["terminated"].append(terminations[:length])
+        columns["truncated"].append(truncations[:length])
+        columns["episode_ends"].append(ends)
+    if not columns["rewards"]:
+        raise UserError("the dataset holds no transitions.")
+    return {key: np.concatenate(value) for key, value in columns.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Environments and scoring
+
+
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+    """Turns episode returns / successes into D4RL's normalized score (x100)."""
+
+    ref_min: float | None = None
+    ref_max: float | None = None
+    by_success: bool = False  # AntMaze: D4RL's score is the success rate
+
+    def normalized(self, returns: np.ndarray, successes: np.ndarray) -> float | None:
+        if self.by_success:
+            return 100.0 * float(np.mean(successes))
+        if self.ref_min is None or self.ref_max is None:
+            return None
+        return 100.0 * float(np.mean((returns - self.ref_min) / (self.ref_max - self.ref_min)))
+
+
+def scoring_for(dataset, domain: str) -> Scoring:
+    """Reference scores from the dataset's metadata; none are invented when absent."""
+    if domain == "antmaze":
+        return Scoring(by_success=True)
+    if dataset is None:
+        return Scoring()
+    metadata = dataset.storage.metadata
+    ref_min, ref_max = metadata.get("ref_min_score"), metadata.get("ref_max_score")
+    if ref_min is None or ref_max is None:
+        return Scoring()
+    return Scoring(float(ref_min), float(ref_max))
+
+
+def env_factory(task: Task, dataset=None):
+    """A function that makes one fresh, flat-observation, [-1, 1]-action env for `task`.
+
+    Datasets supply their evaluation env spec (falling back to the collection env's).
+    """
+    if dataset is not None:
+        spec = dataset.spec.eval_env_spec or dataset.spec.env_spec
+    else:
+        spec = gym.spec(task.env_id)
+    overrides = {"continuing_task": False} if task.domain == "antmaze" else {}
+
+    def make():
+        _register_robotics()
+        return FlatEnv(gym.make(spec, **overrides), task.domain)
+
+    return make
+
+
+def _register_robotics():
+    import gymnasium_robotics
+
+    gym.register_envs(gymnasium_robotics)
+
+
+class FlatEnv(gym.Wrapper):
+    """Flattens dict observations (see `flatten_observation`) and rescales actions from [-1, 1]."""
+
+    def __init__(self, env: gym.Env, domain: str):
+        super().__init__(env)
+        self.domain = domain
+        low, high = env.action_space.low, env.action_space.high
+        self._low, self._scale = low, (high - low) / 2.0
+        self.action_space = gym.spaces.Box(-1.0, 1.0, low.shape, np.float32)
+        example = flatten_observation(env.observation_space.sample(), domain)
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, example.shape, np.float32)
+
+    def reset(self, **kwargs):
+        observation, info = self.env.reset(**kwargs)
+        return flatten_observation(observation, self.domain), info
+
+    def step(self, action):
+        action = self._low + (np.clip(action, -1.0, 1.0) + 1.0) * self._scale
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        return flatten_observation(observation, self.domain), float(reward), terminated, truncated, info
+
+
+def clip_actions(actions: np.ndarray, env_space: gym.spaces.Box) -> np.ndarray:
+    """Dataset actions mapped to [-1, 1] like FlatEnv's, then clipped to +-(1 - 1e-5) for log-probs."""
+    low, high = env_space.low, env_space.high
+    scaled = 2.0 * (actions - low) / (high - low) - 1.0
+    return np.clip(scaled, -1.0 + 1e-5, 1.0 - 1e-5).astype(np.float32)

@@ -295,17 +295,18 @@ def scoring_for(dataset, domain: str) -> Scoring:
 def env_factory(task: Task, dataset=None):
     """A function that makes one fresh, flat-observation, [-1, 1]-action env for `task`.
 
-    Datasets supply their evaluation env spec (falling back to the collection env's).
+    Datasets supply their evaluation env (Minari's `eval_env`, else the collection env); it is
+    used for online training too, since it defines the task being scored.
     """
-    if dataset is not None:
-        spec = dataset.spec.eval_env_spec or dataset.spec.env_spec
-    else:
-        spec = gym.spec(task.env_id)
     overrides = {"continuing_task": False} if task.domain == "antmaze" else {}
 
     def make():
         _register_robotics()
-        return FlatEnv(gym.make(spec, **overrides), task.domain)
+        if dataset is not None:
+            env = dataset.recover_environment(eval_env=True, **overrides)
+        else:
+            env = gym.make(task.env_id, **overrides)
+        return FlatEnv(env, task.domain)
 
     return make
 

@@ -1,0 +1,150 @@
+"""common/datasets.py: names, transitions, dict observations, AntMaze relabelling, offline errors."""
+
+import time
+import types
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from common import datasets
+from common.cli import UserError
+
+
+def episode(rewards, terminations=None, truncations=None, observations=None):
+    """A hand-built episode with Minari's EpisodeData fields (T+1 observations)."""
+    n = len(rewards)
+    observations = np.arange(n + 1, dtype=np.float32)[:, None] if observations is None else observations
+    return types.SimpleNamespace(
+        observations=observations, actions=np.zeros((n, 2), np.float32),
+        rewards=np.asarray(rewards, np.float32),
+        terminations=np.zeros(n, bool) if terminations is None else np.asarray(terminations),
+        truncations=np.zeros(n, bool) if truncations is None else np.asarray(truncations))
+
+
+@pytest.mark.parametrize("name, dataset_id, domain", [
+    ("antmaze-large", "D4RL/antmaze/large-diverse-v1", "antmaze"),
+    ("antmaze-medium", "D4RL/antmaze/medium-diverse-v1", "antmaze"),
+    ("antmaze-large-play-v2", "D4RL/antmaze/large-play-v1", "antmaze"),
+    ("antmaze-umaze", "D4RL/antmaze/umaze-v1", "antmaze"),
+    ("hopper-medium-v2", "mujoco/hopper/medium-v0", "locomotion"),
+    ("pen-human", "D4RL/pen/human-v2", "adroit"),
+    ("kitchen-mixed", "D4RL/kitchen/mixed-v2", "kitchen"),
+    ("pointmaze-large-dense", "D4RL/pointmaze/large-dense-v2", "pointmaze"),
+    ("D4RL/door/cloned-v2", "D4RL/door/cloned-v2", "adroit"),
+])
+def test_resolve_names(name, dataset_id, domain):
+    task = datasets.resolve(name)
+    assert (task.dataset_id, task.domain, task.env_id) == (dataset_id, domain, None)
+
+
+def test_resolve_gymnasium_env_is_online_only():
+    task = datasets.resolve("Hopper-v5")
+    assert task.dataset_id is None and task.env_id == "Hopper-v5" and task.domain == "locomotion"
+
+
+def test_unknown_name_lists_closest():
+    with pytest.raises(UserError, match="antmaze-large-diverse"):
+        datasets.resolve("antmaze-large-divers")
+    with pytest.raises(UserError, match="no D4RL random / medium-replay"):
+        datasets.resolve("hopper-medium-replay-v2")
+
+
+def test_termination_and_truncation_kept_apart():
+    episodes = [episode([1, 2, 3], terminations=[0, 0, 1]), episode([4, 5], truncations=[0, 1])]
+    data = datasets.episodes_to_transitions(episodes, "locomotion")
+    np.testing.assert_array_equal(data["terminated"], [0, 0, 1, 0, 0])
+    np.testing.assert_array_equal(data["truncated"], [0, 0, 0, 0, 1])
+    np.testing.assert_array_equal(data["episode_ends"], [0, 0, 1, 0, 1])
+    # next_observations come from the same episode, never across the boundary
+    np.testing.assert_array_equal(data["next_observations"][:, 0], [1, 2, 3, 1, 2])
+
+
+def test_antmaze_relabelling_cuts_at_first_success():
+    rewards = [0, 0, 1, 1, 0, 1]  # Minari AntMaze: reward 1 on every step near the goal
+    data = datasets.episodes_to_transitions([episode(rewards, truncations=[0, 0, 0, 0, 0, 1])], "antmaze")
+    np.testing.assert_array_equal(data["rewards"], [0, 0, 1])
+    np.testing.assert_array_equal(data["terminated"], [0, 0, 1])
+    np.testing.assert_array_equal(data["truncated"], [0, 0, 0])
+
+
+def test_antmaze_failed_episode_kept_whole():
+    data = datasets.episodes_to_transitions([episode([0, 0, 0], truncations=[0, 0, 1])], "antmaze")
+    np.testing.assert_array_equal(data["terminated"], [0, 0, 0])
+    np.testing.assert_array_equal(data["truncated"], [0, 0, 1])
+
+
+def test_other_domains_not_relabelled():
+    data = datasets.episodes_to_transitions([episode([0, 1, 1])], "pointmaze")
+    np.testing.assert_array_equal(data["rewards"], [0, 1, 1])
+    assert not data["terminated"].any()
+
+
+def test_dict_observation_order():
+    observation = {"observation": np.array([3.0, 4.0]), "achieved_goal": np.array([1.0, 2.0]),
+                   "desired_goal": np.array([5.0, 6.0])}
+    np.testing.assert_array_equal(datasets.flatten_observation(observation, "antmaze"), [1, 2, 3, 4])
+    np.testing.assert_array_equal(datasets.flatten_observation(observation, "pointmaze"), [3, 4, 5, 6])
+    np.testing.assert_array_equal(datasets.flatten_observation(observation, "other"), [1, 2, 5, 6, 3, 4])
+    batch = {key: np.stack([value, value + 10]) for key, value in observation.items()}
+    np.testing.assert_array_equal(datasets.flatten_observation(batch, "antmaze"), [[1, 2, 3, 4], [11, 12, 13, 14]])
+
+
+def test_antmaze_env_gives_d4rl_observation_and_ends_at_success():
+    env = datasets.env_factory(datasets.Task("x", None, "AntMaze_UMaze-v4", "antmaze"))()
+    observation, _ = env.reset(seed=0)
+    assert observation.shape == (29,) and env.action_space.shape == (8,)
+    assert env.unwrapped.continuing_task is False
+
+
+def test_franka_kitchen_constructs_and_steps():
+    env = datasets.env_factory(datasets.Task("x", None, "FrankaKitchen-v1", "kitchen"))()
+    observation, _ = env.reset(seed=0)
+    assert observation.shape == (59,)
+    next_observation, reward, terminated, truncated, _ = env.step(np.zeros(9, np.float32))
+    assert next_observation.shape == (59,) and np.isfinite(next_observation).all()
+
+
+def test_actions_rescaled_to_env_bounds():
+    env = datasets.FlatEnv(gym.make("Pendulum-v1"), "locomotion")  # torque bounds +-2
+    assert env.action_space.high[0] == 1.0
+    env.reset(seed=0)
+    env.step(np.array([1.0], np.float32))
+    assert env.unwrapped.last_u == pytest.approx(2.0)
+    clipped = datasets.clip_actions(np.array([[-2.0], [0.0], [2.0]]), env.env.action_space)
+    np.testing.assert_allclose(clipped[:, 0], [-1 + 1e-5, 0, 1 - 1e-5], atol=1e-7)
+
+
+def test_scoring():
+    returns, successes = np.array([10.0, 30.0]), np.array([True, False])
+    assert datasets.Scoring(0.0, 40.0).normalized(returns, successes) == pytest.approx(50.0)
+    assert datasets.Scoring().normalized(returns, successes) is None  # never invented
+    assert datasets.Scoring(by_success=True).normalized(returns, successes) == pytest.approx(50.0)
+
+
+def test_missing_dataset_offline_fails_fast_with_one_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    monkeypatch.setattr(datasets, "_can_reach", lambda host: False)  # as on a machine with no network
+    start = time.time()
+    with pytest.raises(UserError) as error:
+        datasets.load_dataset(datasets.resolve("antmaze-large"))
+    assert time.time() - start < 5
+    message = str(error.value)
+    assert "D4RL/antmaze/large-diverse-v1" in message
+    assert str(tmp_path) in message
+    assert "minari download D4RL/antmaze/large-diverse-v1" in message
+
+
+def test_network_probe_is_quick_without_network(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert datasets._can_reach("huggingface.co") is False
+
+
+def test_local_dataset_loads_as_flat_transitions(tiny_pointmaze):
+    task = datasets.resolve(tiny_pointmaze)
+    dataset = datasets.load_dataset(task)
+    data = datasets.episodes_to_transitions(dataset.iterate_episodes(), task.domain)
+    assert data["observations"].shape == (3000, 6)  # observation (4) + desired goal (2)
+    assert data["truncated"].sum() == data["episode_ends"].sum() >= 1
+    scoring = datasets.scoring_for(dataset, task.domain)
+    assert scoring.ref_max > scoring.ref_min

@@ -1,0 +1,149 @@
+"""rlpd.py end to end: smoke run, run folder, determinism, resume after SIGKILL, bad input, learning."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tyro
+
+from algorithms import rlpd
+from common.logger import CHECKPOINT_FILE, read_evaluations
+from tests.conftest import REPO, TINY_RUN, run_script
+
+TINY_ARGS = dict(utd=2, batch_size=64, hidden_dims=(64, 64), start_training=100, eval_every=100,
+                 eval_episodes=2, progress=False)
+
+
+def scores(run_dir):
+    """Evaluations without their wall-clock time."""
+    return [{k: v for k, v in record.items() if k != "wall_time"} for record in read_evaluations(run_dir)]
+
+
+def test_smoke_run_writes_the_run_folder(tiny_pointmaze, tmp_path):
+    start = time.time()
+    result = run_script("rlpd.py", "--env", tiny_pointmaze, "--online-steps", "300", "--log-dir", str(tmp_path), *TINY_RUN)
+    assert result.returncode == 0, result.stderr
+    assert time.time() - start < 60
+    (run_dir,) = tmp_path.iterdir()
+    assert run_dir.name.startswith("rlpd__local-pointmaze-umaze-dense-v0__0__")
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["algorithm"] == "rlpd" and config["num_qs"] == 10 and config["offline_ratio"] == 0.5
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir))
+    records = read_evaluations(run_dir)
+    assert [r["step"] for r in records] == [0, 100, 200, 300]
+    assert {"return", "normalized_score", "success_rate", "wall_time", "phase"} <= set(records[-1])
+    assert (run_dir / CHECKPOINT_FILE).is_file()
+    assert "hyperparameter" in result.stdout  # the table printed at the start
+
+
+def test_tensorboard_scalars_readable(tiny_pointmaze, tmp_path):
+    run_dir = rlpd.main(rlpd.Args(env=tiny_pointmaze, online_steps=200, log_dir=str(tmp_path), log_every=50, **TINY_ARGS))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"eval/return", "eval/normalized_score", "train/critic_loss", "train/temperature", "time/sps"} <= tags
+
+
+def test_same_seed_same_evaluations(tiny_pointmaze, tmp_path):
+    def run(seed, folder):
+        return scores(rlpd.main(rlpd.Args(env=tiny_pointmaze, online_steps=300, seed=seed,
+                                          log_dir=str(tmp_path / folder), **TINY_ARGS)))
+    first, second, other = run(0, "a"), run(0, "b"), run(1, "c")
+    assert first == second
+    assert [r["return"] for r in first] != [r["return"] for r in other]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_pointmaze, tmp_path):
+    flags = ["--env", tiny_pointmaze, "--online-steps", "1500", "--checkpoint-every", "150", *TINY_RUN]
+    args = tyro.cli(rlpd.Args, args=[*flags, "--log-dir", str(tmp_path / "full")])
+    reference = scores(rlpd.main(args))
+
+    killed_root = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "algorithms/rlpd.py", *flags, "--log-dir", str(killed_root)],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(killed_root.glob("*/" + CHECKPOINT_FILE)):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run must be killed mid-way for this test to mean anything"
+    (run_dir,) = killed_root.iterdir()
+    assert len(scores(run_dir)) < len(reference)
+
+    rlpd.main(rlpd.Args(resume=str(run_dir)))
+    assert scores(run_dir) == reference
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--offline-ratio", "1.5"], "--offline-ratio must lie in [0, 1]"),
+    (["--utd", "0"], "--utd (G) must be at least 1"),
+    (["--batch-size", "255"], "cannot be split"),
+    (["--env", "antmaze-larg"], "Closest names: antmaze-large"),
+    (["--env", "Hopper-v5"], "--offline-ratio 0"),
+    (["--resume", "/nonexistent/run"], "no config.json"),
+])
+def test_bad_input_gets_one_message_and_exit_2(flags, message, tmp_path):
+    start = time.time()
+    result = run_script("rlpd.py", *flags, "--log-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert time.time() - start < 30
+    assert not list(tmp_path.iterdir())  # nothing was started
+
+
+def test_missing_dataset_offline_message(tmp_path):
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    start = time.time()
+    result = run_script("rlpd.py", "--env", "antmaze-large", "--log-dir", str(tmp_path / "runs"), env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "minari download D4RL/antmaze/large-diverse-v1" in result.stderr
+    assert time.time() - start < 30
+
+
+def test_unreadable_checkpoint_is_reported(tiny_pointmaze, tmp_path):
+    run_dir = rlpd.main(rlpd.Args(env=tiny_pointmaze, online_steps=100, log_dir=str(tmp_path), **TINY_ARGS))
+    with open(os.path.join(run_dir, CHECKPOINT_FILE), "wb") as file:
+        file.write(b"\x00 not a checkpoint")
+    result = run_script("rlpd.py", "--resume", run_dir)
+    assert result.returncode == 2 and "cannot read checkpoint" in result.stderr and "Traceback" not in result.stderr
+    os.remove(os.path.join(run_dir, CHECKPOINT_FILE))
+    result = run_script("rlpd.py", "--resume", run_dir)
+    assert result.returncode == 2 and "no checkpoint" in result.stderr
+
+
+def test_help_documents_every_flag():
+    result = run_script("rlpd.py", "--help")
+    assert result.returncode == 0
+    for field in dataclasses.fields(rlpd.Args):
+        assert "--" + field.name.replace("_", "-") in result.stdout, field.name
+
+
+def test_builder_makes_a_dataset_from_our_checkpoint(tmp_path, minari_session_root):
+    from benchmarks.build_dataset import build_from_policy
+
+    run_dir = rlpd.main(rlpd.Args(env="InvertedPendulum-v5", offline_ratio=0.0, online_steps=200,
+                                  log_dir=str(tmp_path), **TINY_ARGS))
+    policy = rlpd.load_policy(run_dir)
+    observations = np.zeros((3, 4), np.float32)
+    assert policy(observations).shape == (3, 1)
+    dataset = build_from_policy("InvertedPendulum-v5", run_dir, num_steps=200, name="rlpd-tiny", ref_episodes=2)
+    assert dataset.total_steps == 200
+
+
+@pytest.mark.slow
+def test_rlpd_learns_inverted_pendulum_online(tmp_path):
+    """A random policy balances for ~20 steps; RLPD reaches 1000 (the cap) within 4000 steps."""
+    run_dir = rlpd.main(rlpd.Args(env="InvertedPendulum-v5", offline_ratio=0.0, online_steps=4000,
+                                  start_training=500, utd=4, batch_size=128, hidden_dims=(128, 128),
+                                  eval_every=500, eval_episodes=5, log_dir=str(tmp_path), progress=False))
+    records = read_evaluations(run_dir)
+    assert records[0]["return"] < 100  # untrained
+    assert max(r["return"] for r in records if r["step"] >= 3000) >= 500

@@ -1,0 +1,98 @@
+"""Speed of RLPD's per-environment-step update: compile time and critic gradient steps per second.
+
+Times `online_step` of algorithms/rlpd.py, the one jitted call per environment step (insert the
+transition, sample G x B rows, G critic steps in a lax.scan, actor and temperature steps, next
+action), at a domain preset. For comparison it also compiles the same update with the G critic
+steps unrolled in Python, as the official code does (`--compare-unrolled`).
+
+The buffers hold random numbers of the preset's shapes: timing does not depend on their values,
+and no dataset is needed. Results are printed as one JSON line.
+
+    python benchmarks/speed.py                          # AntMaze preset, E=10, G=20, B=256
+    python benchmarks/speed.py --compare-unrolled
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import jax
+import numpy as np
+import tyro
+
+from algorithms import rlpd
+from common import buffers
+
+
+@dataclasses.dataclass
+class SpeedArgs:
+    domain: str = "antmaze"
+    """Preset to time (antmaze, locomotion, adroit)."""
+    observation_dim: int = 29
+    """Observation size (AntMaze: 29)."""
+    action_dim: int = 8
+    """Action size (AntMaze: 8)."""
+    utd: int = 20
+    """G, critic steps per environment step."""
+    batch_size: int = 256
+    """Minibatch size B."""
+    offline_rows: int = 1_000_000
+    """Rows in the offline buffer (D4RL AntMaze holds 1M)."""
+    calls: int = 20
+    """Timed calls after the first (warm-up) call."""
+    compare_unrolled: bool = False
+    """Also measure compile time with the G critic steps unrolled in Python (official code style)."""
+
+
+def random_rows(rng: np.random.Generator, n: int, observation_dim: int, action_dim: int) -> dict[str, np.ndarray]:
+    return {"observations": rng.normal(size=(n, observation_dim)).astype(np.float32),
+            "actions": rng.uniform(-1, 1, (n, action_dim)).astype(np.float32),
+            "rewards": rng.normal(size=n).astype(np.float32),
+            "next_observations": rng.normal(size=(n, observation_dim)).astype(np.float32),
+            "masks": np.ones(n, np.float32)}
+
+
+def unrolled_update(agent, batches, config, utd):
+    """The official structure: a Python loop of G critic steps, traced G times."""
+    for g in range(utd):
+        agent, _ = rlpd.update_critic(agent, jax.tree_util.tree_map(lambda x: x[g], batches), config)
+    return rlpd.update_actor_and_temperature(agent, jax.tree_util.tree_map(lambda x: x[-1], batches), config)
+
+
+def measure(args: SpeedArgs) -> dict:
+    train_args = rlpd.apply_preset(rlpd.Args(utd=args.utd, batch_size=args.batch_size), args.domain)
+    config = rlpd.make_config(train_args, args.action_dim)
+    agent = rlpd.create_agent(train_args, config, args.observation_dim, args.action_dim)
+    rng = np.random.default_rng(0)
+    offline = buffers.from_arrays(random_rows(rng, args.offline_rows, args.observation_dim, args.action_dim))
+    online = buffers.from_arrays(random_rows(rng, 100_000, args.observation_dim, args.action_dim))
+    transition = {key: value[0] for key, value in random_rows(rng, 1, args.observation_dim, args.action_dim).items()}
+    online_step, _ = rlpd.make_step_functions(train_args, config)
+
+    start = time.perf_counter()
+    compiled = online_step.lower(agent, online, offline, transition, transition["observations"], True).compile()
+    compile_seconds = time.perf_counter() - start
+    agent, online, action, _ = compiled(agent, online, offline, transition, transition["observations"])
+    jax.block_until_ready(action)
+    start = time.perf_counter()
+    for _ in range(args.calls):  # each call waits on the last: sequential, like the training loop
+        agent, online, action, _ = compiled(agent, online, offline, transition, transition["observations"])
+    jax.block_until_ready(action)
+    seconds = time.perf_counter() - start
+    result = {"device": jax.devices()[0].device_kind, "domain": args.domain, "num_qs": train_args.num_qs,
+              "hidden_dims": list(train_args.hidden_dims), "utd": args.utd, "batch_size": args.batch_size,
+              "compile_seconds": round(compile_seconds, 2),
+              "env_steps_per_second": round(args.calls / seconds, 2),
+              "critic_steps_per_second": round(args.calls * args.utd / seconds, 1)}
+    if args.compare_unrolled:
+        batches = buffers.sample_mixed(agent.key, offline, online, args.utd, args.batch_size, 0.5)
+        start = time.perf_counter()
+        jax.jit(unrolled_update, static_argnums=(2, 3)).lower(agent, batches, config, args.utd).compile()
+        result["unrolled_compile_seconds"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(tyro.cli(SpeedArgs))))

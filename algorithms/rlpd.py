@@ -46,8 +46,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
+import sys
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -58,7 +58,10 @@ import optax
 from flax import serialization, struct
 from flax.training.train_state import TrainState
 
-from common import buffers, checkpoint, datasets
+if __package__ in (None, ""):  # run as `python algorithms/rlpd.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common import buffers, checkpoint, datasets  # noqa: E402
 from common.cli import UserError, check, run_cli
 from common.evaluation import Evaluator
 from common.logger import CHECKPOINT_FILE, CONFIG_FILE, RunLogger, new_run_dir
@@ -499,11 +502,11 @@ def restore_checkpoint(run_dir, agent, online):
         raise UserError(f"checkpoint in {run_dir} does not match this run's configuration: {error}") from None
 
 
-def read_run_config(run_dir: str) -> Args:
-    """The Args a run folder was started with (for --resume and load_policy)."""
+def read_run_config(run_dir: str) -> tuple[Args, dict[str, Any]]:
+    """The Args a run folder was started with, and its whole config.json (for --resume, load_policy)."""
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isfile(path):
-        raise UserError(f"--resume {run_dir}: no {CONFIG_FILE} there; is it a run folder of {ALGORITHM}.py?")
+        raise UserError(f"{run_dir}: no {CONFIG_FILE} there; is it a run folder of {ALGORITHM}.py?")
     try:
         with open(path) as file:
             saved = json.load(file)
@@ -513,16 +516,14 @@ def read_run_config(run_dir: str) -> Args:
         raise UserError(f"cannot read {path}: {error}") from None
     if saved.get("algorithm") != ALGORITHM:
         raise UserError(f"{run_dir} is a run of {saved.get('algorithm')!r}, not {ALGORITHM}.")
-    return dataclasses.replace(args, hidden_dims=tuple(args.hidden_dims))
+    return dataclasses.replace(args, hidden_dims=tuple(args.hidden_dims)), saved
 
 
 def load_policy(run_dir: str) -> Callable[[np.ndarray], np.ndarray]:
     """The deterministic policy of a run's last checkpoint: (n, obs_dim) -> (n, act_dim) in [-1, 1]."""
-    args = read_run_config(run_dir)
-    with open(os.path.join(run_dir, CONFIG_FILE)) as file:
-        dims = json.load(file)
-    config = make_config(args, dims["action_dim"])
-    agent = create_agent(args, config, dims["observation_dim"], dims["action_dim"])
+    args, saved = read_run_config(run_dir)
+    config = make_config(args, saved["action_dim"])
+    agent = create_agent(args, config, saved["observation_dim"], saved["action_dim"])
     payload = checkpoint.load(os.path.join(run_dir, CHECKPOINT_FILE))
     actor_params = serialization.from_state_dict(agent, payload["agent"]).actor.params
     policy = deterministic_policy(config)
@@ -533,14 +534,59 @@ def load_policy(run_dir: str) -> Callable[[np.ndarray], np.ndarray]:
 # Training
 
 
-def main(args: Args) -> str:
-    """Train (or resume) one run; returns its run folder."""
-    run_dir = None
-    if args.resume is not None:
-        run_dir = args.resume
-        args = read_run_config(run_dir)
-        if not os.path.isfile(os.path.join(run_dir, CHECKPOINT_FILE)):
-            raise UserError(f"--resume {run_dir}: no checkpoint at {os.path.join(run_dir, CHECKPOINT_FILE)}.")
+@dataclasses.dataclass
+class Run:
+    """Everything one training run holds; the phase loops below advance it."""
+
+    args: Args
+    task: datasets.Task
+    run_dir: str
+    env: Any
+    offline: buffers.Buffer | None
+    online: buffers.Buffer
+    agent: Agent
+    progress: Progress
+    rng: np.random.Generator
+    action: np.ndarray | None  # the next action, computed by the last jitted call
+    logger: RunLogger
+    evaluator: Evaluator
+    policy: Callable
+    online_step: Callable
+    offline_chunk: Callable
+
+    def evaluate(self, phase: str, step: int) -> None:
+        seed = episode_seed(self.args.seed, 1, self.progress.evaluations)
+        metrics = self.evaluator(lambda observations: self.policy(self.agent.actor.params, observations), seed)
+        self.progress.evaluations += 1
+        self.logger.evaluation(step, phase, metrics)
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.run_dir, self.agent, self.online, self.progress, self.rng, self.action,
+                        self.logger.elapsed())
+
+    def reset_env(self) -> np.ndarray:
+        return self.env.reset(seed=episode_seed(self.args.seed, 0, self.progress.episode))[0]
+
+
+def resolve_args(args: Args) -> tuple[Args, str | None]:
+    """The run's Args (a resumed run's come from its folder) and the folder to resume, if any."""
+    if args.resume is None:
+        return args, None
+    run_dir = args.resume
+    saved_args, _ = read_run_config(run_dir)
+    if dataclasses.replace(args, resume=None) != Args():
+        print("note: --resume continues the run with its saved configuration; other flags are ignored.")
+    if not os.path.isfile(os.path.join(run_dir, CHECKPOINT_FILE)):
+        raise UserError(f"--resume {run_dir}: no checkpoint at {os.path.join(run_dir, CHECKPOINT_FILE)}.")
+    return saved_args, run_dir
+
+
+def start_run(args: Args) -> Run | None:
+    """Check flags, load data, build envs and agent, restore a checkpoint when resuming.
+
+    Returns None when the run to resume has already finished.
+    """
+    args, run_dir = resolve_args(args)
     validate(args)
     task = datasets.resolve(args.env)
     args = apply_preset(args, task.domain)
@@ -565,91 +611,100 @@ def main(args: Args) -> str:
                "rewards": np.float32(0), "next_observations": np.zeros(observation_dim, np.float32),
                "masks": np.float32(0)}
     online = buffers.empty_like(example, max(args.online_steps, 1))
-    rng, progress, pending_action, elapsed = np.random.default_rng(args.seed), Progress(), None, 0.0
-    resume_step = None
-    if run_dir is not None:
-        agent, online, progress, rng, pending_action, elapsed = restore_checkpoint(run_dir, agent, online)
-        if progress.finished:
-            print(f"{run_dir} has already finished.")
-            return run_dir
-        resume_step = progress.offline_step + progress.online_step
-        print(f"Resuming {run_dir} at step {resume_step} with its saved configuration.")
-    else:
+    rng, progress, action, elapsed, resume_step = np.random.default_rng(args.seed), Progress(), None, 0.0, None
+    if run_dir is None:
         run_dir = new_run_dir(args.log_dir, ALGORITHM, args.env, args.seed)
         progress.next_checkpoint = args.checkpoint_every
+    else:
+        agent, online, progress, rng, action, elapsed = restore_checkpoint(run_dir, agent, online)
+        if progress.finished:
+            print(f"{run_dir} has already finished.")
+            return None
+        resume_step = progress.offline_step + progress.online_step
+        print(f"Resuming {run_dir} at step {resume_step}.")
 
     config_record = {"algorithm": ALGORITHM, **dataclasses.asdict(args), "domain": task.domain,
                      "dataset_id": task.dataset_id, "observation_dim": observation_dim, "action_dim": action_dim}
-    logger = RunLogger(run_dir, config_record, args.offline_steps + args.online_steps, resume_step, elapsed, args.progress)
+    logger = RunLogger(run_dir, config_record, args.offline_steps + args.online_steps, resume_step, elapsed,
+                       args.progress)
     evaluator = Evaluator(make_env, args.eval_episodes, datasets.scoring_for(dataset, task.domain))
-    policy = deterministic_policy(config)
-    online_step, offline_chunk = make_step_functions(args, config)
+    return Run(args, task, run_dir, env, offline, online, agent, progress, rng, action, logger, evaluator,
+               deterministic_policy(config), *make_step_functions(args, config))
 
-    def evaluate(phase: str, step: int):
-        seed = episode_seed(args.seed, 1, progress.evaluations)
-        metrics = evaluator(lambda obs: policy(agent.actor.params, obs), seed)
-        progress.evaluations += 1
-        logger.evaluation(step, phase, metrics)
 
-    def checkpoint_now(action):
-        save_checkpoint(run_dir, agent, online, progress, rng, action, logger.elapsed())
-
-    # Offline phase (optional): chunks of updates between evaluations / checkpoints.
+def offline_phase(run: Run) -> None:
+    """Offline-only updates in jitted chunks, evaluating every `eval_every` updates."""
+    args, progress = run.args, run.progress
     while progress.offline_step < args.offline_steps:
         if progress.offline_step % args.eval_every == 0:
-            evaluate("offline", progress.offline_step)
-        boundary = min(args.offline_steps, (progress.offline_step // args.eval_every + 1) * args.eval_every)
-        chunk = min(boundary - progress.offline_step, args.log_every)
-        agent, info = offline_chunk(agent, offline, chunk)
+            run.evaluate("offline", progress.offline_step)
+        next_eval = (progress.offline_step // args.eval_every + 1) * args.eval_every
+        chunk = min(next_eval, args.offline_steps) - progress.offline_step
+        chunk = min(chunk, args.log_every)
+        run.agent, info = run.offline_chunk(run.agent, run.offline, chunk)
         progress.offline_step += chunk
-        logger.scalars({f"train/{k}": v for k, v in info.items()}, progress.offline_step)
-        logger.advance(chunk)
-        if progress.offline_step >= progress.next_checkpoint and progress.offline_step < args.offline_steps:
+        run.logger.scalars({f"train/{k}": v for k, v in info.items()}, progress.offline_step)
+        run.logger.advance(chunk)
+        if progress.next_checkpoint <= progress.offline_step < args.offline_steps:
             progress.next_checkpoint += args.checkpoint_every
-            checkpoint_now(None)
+            run.checkpoint()
 
-    # Online phase: one jitted call per environment step.
-    base = args.offline_steps
-    if progress.online_step == 0 and pending_action is None:
-        evaluate("online" if args.offline_steps == 0 else "offline", base)
+
+def online_phase(run: Run) -> None:
+    """One environment step and ONE jitted call (insert, G+2 updates, next action) per iteration."""
+    args, progress, base = run.args, run.progress, run.args.offline_steps
+    if progress.online_step == 0 and run.action is None:  # the phase starts (not a resume within it)
+        run.evaluate("online" if args.offline_steps == 0 else "offline", base)
         progress.next_checkpoint = base + args.checkpoint_every
-    observation, _ = env.reset(seed=episode_seed(args.seed, 0, progress.episode))
-    action = pending_action
-    episode_return = 0.0
+    observation, episode_return = run.reset_env(), 0.0  # checkpoints are taken at episode ends
     while progress.online_step < args.online_steps:
-        if progress.online_step < args.start_training or action is None:
-            action = rng.uniform(-1.0, 1.0, action_dim).astype(np.float32)
-        next_observation, reward, terminated, truncated, info = env.step(np.asarray(action))
+        if progress.online_step < args.start_training or run.action is None:
+            run.action = run.rng.uniform(-1.0, 1.0, run.env.action_space.shape).astype(np.float32)
+        next_observation, reward, terminated, truncated, _ = run.env.step(np.asarray(run.action))
         episode_return += reward
-        transition = {"observations": observation, "actions": np.asarray(action, np.float32),
-                      "rewards": np.float32(transform_rewards(reward, task.domain)),
+        transition = {"observations": observation, "actions": np.asarray(run.action, np.float32),
+                      "rewards": np.float32(transform_rewards(reward, run.task.domain)),
                       "next_observations": next_observation, "masks": np.float32(1.0 - terminated)}
+        step = base + progress.online_step + 1
         episode_over = terminated or truncated
         if episode_over:
-            logger.scalars({"train/episode_return": episode_return}, base + progress.online_step + 1)
+            run.logger.scalars({"train/episode_return": episode_return}, step)
             progress.episode += 1
-            next_observation, _ = env.reset(seed=episode_seed(args.seed, 0, progress.episode))
-            episode_return = 0.0
+            next_observation, episode_return = run.reset_env(), 0.0
         train = progress.online_step >= args.start_training
-        agent, online, action, step_info = online_step(agent, online, offline, transition, next_observation, train)
+        run.agent, run.online, run.action, info = run.online_step(
+            run.agent, run.online, run.offline, transition, next_observation, train)
         observation = next_observation
         progress.online_step += 1
-        logger.advance()
-        step = base + progress.online_step
+        run.logger.advance()
         if train and progress.online_step % args.log_every == 0:
-            logger.scalars({f"train/{k}": v for k, v in step_info.items()}, step)
-            logger.scalars({"time/sps": logger.bar.format_dict["rate"] or 0.0}, step)
+            run.logger.scalars({**{f"train/{k}": v for k, v in info.items()},
+                                "time/sps": run.logger.bar.format_dict["rate"] or 0.0}, step)
         if progress.online_step % args.eval_every == 0 or progress.online_step == args.online_steps:
-            evaluate("online", step)
-        if episode_over and step >= progress.next_checkpoint and progress.online_step < args.online_steps:
+            run.evaluate("online", step)
+        if episode_over and progress.next_checkpoint <= step < base + args.online_steps:
             progress.next_checkpoint = step + args.checkpoint_every
-            checkpoint_now(action)
-    progress.finished = True
-    checkpoint_now(action)
-    logger.close()
-    evaluator.close()
-    print(f"Finished. Run folder: {run_dir}")
-    return run_dir
+            run.checkpoint()
+
+
+def main(args: Args) -> str | None:
+    """Train (or resume) one run; returns its run folder."""
+    run = start_run(args)
+    if run is None:
+        return args.resume
+    try:
+        offline_phase(run)
+        online_phase(run)
+    except KeyboardInterrupt:
+        run.logger.close()
+        raise UserError(f"interrupted. Continue from the last checkpoint with: "
+                        f"python algorithms/{ALGORITHM}.py --resume {run.run_dir}") from None
+    run.progress.finished = True
+    run.checkpoint()
+    run.logger.close()
+    run.evaluator.close()
+    print(f"Finished. Run folder: {run.run_dir}")
+    return run.run_dir
 
 
 if __name__ == "__main__":

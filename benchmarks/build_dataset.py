@@ -79,6 +79,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -90,6 +91,9 @@ import minari
 import numpy as np
 from minari.dataset.minari_dataset import parse_dataset_id
 from minari.storage import get_dataset_path
+
+if __package__ in (None, ""):  # run as `python benchmarks/build_dataset.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MAZES = {"open": "Open", "umaze": "UMaze", "medium": "Medium", "large": "Large"}
 # Goal cell (row, col) of each evaluation maze: the single goal of Minari's evaluation maps.

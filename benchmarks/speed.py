@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 import time
 
 import jax
 import numpy as np
 import tyro
+
+if __package__ in (None, ""):  # run as `python benchmarks/speed.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from algorithms import rlpd
 from common import buffers

@@ -52,6 +52,15 @@ def test_tensorboard_scalars_readable(tiny_pointmaze, tmp_path):
     assert {"eval/return", "eval/normalized_score", "train/critic_loss", "train/temperature", "time/sps"} <= tags
 
 
+def test_offline_phase_then_online(tiny_pointmaze, tmp_path):
+    run_dir = rlpd.main(rlpd.Args(env=tiny_pointmaze, offline_steps=200, online_steps=100, log_dir=str(tmp_path),
+                                  log_every=50, **TINY_ARGS))
+    records = read_evaluations(run_dir)
+    assert [(r["step"], r["phase"]) for r in records] == [(0, "offline"), (100, "offline"), (200, "offline"),
+                                                         (300, "online")]
+    assert records[0]["return"] != records[2]["return"]  # the offline updates changed the policy
+
+
 def test_same_seed_same_evaluations(tiny_pointmaze, tmp_path):
     def run(seed, folder):
         return scores(rlpd.main(rlpd.Args(env=tiny_pointmaze, online_steps=300, seed=seed,

@@ -159,3 +159,30 @@ def test_rlpd_learns_inverted_pendulum_online(tmp_path):
     records = read_evaluations(run_dir)
     assert records[0]["return"] < 100  # untrained
     assert max(r["return"] for r in records if r["step"] >= 3000) >= 500
+
+
+def test_antmaze_pipeline_end_to_end(minari_session_root, tmp_path):
+    """A small real AntMaze dataset (random actions, recorded by Minari's DataCollector as the
+    Minari AntMaze sets are: continuing task, dict observations) runs through relabelling, the
+    D4RL 29-dim observation, the success-terminating env and success-based scoring."""
+    import gymnasium as gym
+    import gymnasium_robotics
+    import minari
+
+    gym.register_envs(gymnasium_robotics)
+    env = minari.DataCollector(gym.make("AntMaze_UMaze-v4", continuing_task=True, max_episode_steps=200))
+    env.reset(seed=0)
+    for _ in range(600):
+        _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        if terminated or truncated:
+            env.reset()
+    env.create_dataset("local/antmaze/random-tiny-v0", eval_env=gym.make("AntMaze_UMaze-v4").spec,
+                       algorithm_name="random", ref_min_score=0.0, ref_max_score=1.0)
+
+    run_dir = rlpd.main(rlpd.Args(env="local/antmaze/random-tiny-v0", online_steps=200, log_dir=str(tmp_path),
+                                  **{**TINY_ARGS, "eval_every": 200}))
+    config = json.loads(open(os.path.join(run_dir, "config.json")).read())
+    assert config["domain"] == "antmaze" and config["observation_dim"] == 29
+    assert config["num_min_qs"] == 1 and config["backup_entropy"] is False  # the AntMaze preset
+    for record in read_evaluations(run_dir):
+        assert record["normalized_score"] == pytest.approx(100 * record["success_rate"])

@@ -25,10 +25,9 @@ over a random subset of Z target critics, and G=20 critic updates per environmen
 
 Presets (official README and configs): locomotion 2x256, Z=2, entropy backup on, 250k steps;
 antmaze 3x256, Z=1, no entropy backup, 300k steps; adroit 3x256, Z=2, no entropy backup, 1M
-steps; random actions for the first 5000 steps (locomotion, antmaze) or 10000 (the official
-flag default, used for adroit and other domains). Other domains (kitchen, pointmaze) take the
-official flag defaults (2x256, Z=2, backup on, 1M steps); pointmaze is our own addition with a
-100k-step schedule, so that the no-argument default run finishes on a CPU.
+steps; random actions for the first 5000 steps (the README's commands for all three). Other
+domains (kitchen) take the official flag defaults (2x256, Z=2, backup on, 1M steps, 10000
+random steps); pointmaze is our own addition (2x256, Z=2, backup on, 100k steps, 5000 random).
 
 Deviations: none in the algorithm. Our own additions: `--offline-steps` (the official
 `pretrain_steps`, offline-only updates before the online phase, 0 by default), atomic
@@ -64,14 +63,18 @@ if __package__ in (None, ""):  # run as `python algorithms/rlpd.py`: make the re
 from common import buffers, checkpoint, datasets  # noqa: E402
 from common.cli import UserError, check, run_cli
 from common.evaluation import Evaluator
-from common.logger import CHECKPOINT_FILE, CONFIG_FILE, RunLogger, new_run_dir
+from common.logger import CHECKPOINT_FILE, CONFIG_FILE, Resumed, RunLogger, new_run_dir
 
 ALGORITHM = "rlpd"
 
 
 @dataclasses.dataclass
 class Args:
-    """RLPD (Ball et al. 2023). Flags left unset take the domain preset; an explicit flag always wins."""
+    """RLPD (Ball et al. 2023). Flags marked [preset] take the domain's preset unless given:
+    locomotion 2x256, Z=2, entropy backup, 250k steps, 5000 random; antmaze 3x256, Z=1, no
+    backup, 300k, 5000; adroit 3x256, Z=2, no backup, 1M, 5000; pointmaze 2x256, Z=2, backup,
+    100k, 5000; other 2x256, Z=2, backup, 1M, 10000. A step is an environment step online and
+    one update (G critic steps) offline."""
 
     # --- run ---
     env: str = "local/pointmaze/umaze-dense-v0"
@@ -83,7 +86,7 @@ class Args:
     resume: str | None = None
     """Run folder to continue from its last checkpoint (its saved configuration is used)."""
     checkpoint_every: int = 50_000
-    """Checkpoint at the first episode end after every this many steps (and at the end)."""
+    """Checkpoint every this many steps (online: at the next episode end) and at the end."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -140,7 +143,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "antmaze": dict(hidden_dims=(256, 256, 256), num_min_qs=1, backup_entropy=False,
                     online_steps=300_000, start_training=5000),
     "adroit": dict(hidden_dims=(256, 256, 256), num_min_qs=2, backup_entropy=False,
-                   online_steps=1_000_000, start_training=10_000),
+                   online_steps=1_000_000, start_training=5000),
     "pointmaze": dict(hidden_dims=(256, 256), num_min_qs=2, backup_entropy=True,
                       online_steps=100_000, start_training=5000),
     "default": dict(hidden_dims=(256, 256), num_min_qs=2, backup_entropy=True,
@@ -417,7 +420,11 @@ def validate(args: Args) -> None:
         value = getattr(args, name)
         check(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}.")
     check(args.num_min_qs is None or 1 <= args.num_min_qs <= args.num_qs,
-          f"--num-min-qs must lie in [1, --num-qs={args.num_qs}], got {args.num_min_qs}.")
+          f"--num-min-qs must lie in [1, --num-qs={args.num_qs}], got {args.num_min_qs} "
+          f"(from the domain preset unless you passed it).")
+    check(args.seed >= 0, f"--seed must be >= 0, got {args.seed}.")
+    for name in ("actor_lr", "critic_lr", "temp_lr"):
+        check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
     check(args.hidden_dims is None or (len(args.hidden_dims) > 0 and min(args.hidden_dims) > 0),
           f"--hidden-dims must be positive widths, got {args.hidden_dims}.")
     check(0.0 < args.discount <= 1.0 and 0.0 < args.tau <= 1.0, "--discount and --tau must lie in (0, 1].")
@@ -470,8 +477,19 @@ def save_checkpoint(run_dir, agent, online, progress: Progress, rng: np.random.G
     checkpoint.save(os.path.join(run_dir, CHECKPOINT_FILE), payload)
 
 
-def restore_checkpoint(run_dir, agent, online):
+CHECKPOINT_KEYS = ("agent", "online_rows", "online_cursor", "progress", "numpy_rng", "pending_action", "elapsed")
+
+
+def read_checkpoint(run_dir: str) -> dict[str, Any]:
+    """A run's checkpoint, checked for completeness before anything is built."""
     payload = checkpoint.load(os.path.join(run_dir, CHECKPOINT_FILE))
+    missing = [key for key in CHECKPOINT_KEYS if key not in payload]
+    if missing:
+        raise UserError(f"cannot read checkpoint in {run_dir}: it lacks {', '.join(missing)}.")
+    return payload
+
+
+def restore_checkpoint(payload, run_dir, agent, online):
     try:
         agent = serialization.from_state_dict(agent, payload["agent"])
         online = buffers.restore_rows(online, payload["online_rows"], payload["online_cursor"])
@@ -543,6 +561,7 @@ class Run:
         self.logger.evaluation(step, phase, metrics)
 
     def checkpoint(self) -> None:
+        self.logger.sync()
         save_checkpoint(self.run_dir, self.agent, self.online, self.progress, self.rng, self.action,
                         self.logger.elapsed())
 
@@ -550,17 +569,24 @@ class Run:
         return self.env.reset(seed=episode_seed(self.args.seed, 0, self.progress.episode))[0]
 
 
-def resolve_args(args: Args) -> tuple[Args, str | None]:
-    """The run's Args (a resumed run's come from its folder) and the folder to resume, if any."""
+def resolve_args(args: Args) -> tuple[Args, str | None, dict[str, Any] | None]:
+    """The run's Args, plus the folder and checkpoint to resume from (a resumed run's Args come
+    from its folder); a missing or unreadable checkpoint is reported here, before any work."""
     if args.resume is None:
-        return args, None
+        return args, None, None
     run_dir = args.resume
     saved_args, _ = read_run_config(run_dir)
     if dataclasses.replace(args, resume=None) != Args():
         print("note: --resume continues the run with its saved configuration; other flags are ignored.")
-    if not os.path.isfile(os.path.join(run_dir, CHECKPOINT_FILE)):
-        raise UserError(f"--resume {run_dir}: no checkpoint at {os.path.join(run_dir, CHECKPOINT_FILE)}.")
-    return saved_args, run_dir
+    return saved_args, run_dir, read_checkpoint(run_dir)
+
+
+def check_log_dir(log_dir: str) -> None:
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create --log-dir {log_dir}: {error.strerror}.") from None
+    check(os.access(log_dir, os.W_OK), f"cannot write to --log-dir {log_dir}.")
 
 
 def start_run(args: Args) -> Run | None:
@@ -568,8 +594,10 @@ def start_run(args: Args) -> Run | None:
 
     Returns None when the run to resume has already finished.
     """
-    args, run_dir = resolve_args(args)
+    args, run_dir, saved_checkpoint = resolve_args(args)
     validate(args)
+    if run_dir is None:
+        check_log_dir(args.log_dir)
     task = datasets.resolve(args.env)
     args = apply_preset(args, task.domain)
     validate(args)
@@ -580,6 +608,8 @@ def start_run(args: Args) -> Run | None:
     make_env = datasets.env_factory(task, dataset)
     env = make_env()
     observation_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    if args.target_entropy is None:
+        args = dataclasses.replace(args, target_entropy=-action_dim / 2)
     offline = None
     if needs_offline_data(args):
         offline_rows = load_offline_data(task, dataset, dataset.action_space)
@@ -593,41 +623,48 @@ def start_run(args: Args) -> Run | None:
                "rewards": np.float32(0), "next_observations": np.zeros(observation_dim, np.float32),
                "masks": np.float32(0)}
     online = buffers.empty_like(example, max(args.online_steps, 1))
-    rng, progress, action, elapsed, resume_step = np.random.default_rng(args.seed), Progress(), None, 0.0, None
+    rng, progress, action, resumed = np.random.default_rng(args.seed), Progress(), None, None
     if run_dir is None:
         run_dir = new_run_dir(args.log_dir, ALGORITHM, args.env, args.seed)
         progress.next_checkpoint = args.checkpoint_every
     else:
-        agent, online, progress, rng, action, elapsed = restore_checkpoint(run_dir, agent, online)
+        agent, online, progress, rng, action, elapsed = restore_checkpoint(saved_checkpoint, run_dir, agent, online)
         if progress.finished:
             print(f"{run_dir} has already finished.")
             return None
-        resume_step = progress.offline_step + progress.online_step
-        print(f"Resuming {run_dir} at step {resume_step}.")
+        resumed = Resumed(progress.offline_step + progress.online_step, progress.evaluations, elapsed)
+        print(f"Resuming {run_dir} at step {resumed.step}.")
 
     config_record = {"algorithm": ALGORITHM, **dataclasses.asdict(args), "domain": task.domain,
                      "dataset_id": task.dataset_id, "observation_dim": observation_dim, "action_dim": action_dim}
-    logger = RunLogger(run_dir, config_record, args.offline_steps + args.online_steps, resume_step, elapsed,
-                       args.progress)
+    logger = RunLogger(run_dir, config_record, args.offline_steps + args.online_steps, resumed, args.progress)
     evaluator = Evaluator(make_env, args.eval_episodes, datasets.scoring_for(dataset, task.domain))
     return Run(args, task, run_dir, env, offline, online, agent, progress, rng, action, logger, evaluator,
                deterministic_policy(config), *make_step_functions(args, config))
 
 
 def offline_phase(run: Run) -> None:
-    """Offline-only updates in jitted chunks, evaluating every `eval_every` updates."""
+    """Offline-only updates in jitted chunks, evaluating every `eval_every` updates.
+
+    Whatever is logged at a step is logged before a checkpoint at that step, so a resumed run
+    redoes exactly what came after its checkpoint.
+    """
     args, progress = run.args, run.progress
+    if progress.offline_step == 0 and args.offline_steps > 0:
+        run.evaluate("offline", 0)
     while progress.offline_step < args.offline_steps:
-        if progress.offline_step % args.eval_every == 0:
-            run.evaluate("offline", progress.offline_step)
         next_eval = (progress.offline_step // args.eval_every + 1) * args.eval_every
-        chunk = min(next_eval, args.offline_steps) - progress.offline_step
-        chunk = min(chunk, args.log_every)
+        chunk = min(next_eval, args.offline_steps, progress.offline_step + args.log_every) - progress.offline_step
         run.agent, info = run.offline_chunk(run.agent, run.offline, chunk)
         progress.offline_step += chunk
-        run.logger.scalars({f"train/{k}": v for k, v in info.items()}, progress.offline_step)
         run.logger.advance(chunk)
-        if progress.next_checkpoint <= progress.offline_step < args.offline_steps:
+        run.logger.scalars({**{f"train/{k}": v for k, v in info.items()},
+                            "time/sps": run.logger.steps_per_second()}, progress.offline_step)
+        if progress.offline_step == args.offline_steps:
+            break  # the phase-end evaluation opens the online phase
+        if progress.offline_step % args.eval_every == 0:
+            run.evaluate("offline", progress.offline_step)
+        if progress.offline_step >= progress.next_checkpoint:
             progress.next_checkpoint += args.checkpoint_every
             run.checkpoint()
 
@@ -661,7 +698,7 @@ def online_phase(run: Run) -> None:
         run.logger.advance()
         if train and progress.online_step % args.log_every == 0:
             run.logger.scalars({**{f"train/{k}": v for k, v in info.items()},
-                                "time/sps": run.logger.bar.format_dict["rate"] or 0.0}, step)
+                                "time/sps": run.logger.steps_per_second()}, step)
         if progress.online_step % args.eval_every == 0 or progress.online_step == args.online_steps:
             run.evaluate("online", step)
         if episode_over and progress.next_checkpoint <= step < base + args.online_steps:

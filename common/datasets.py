@@ -33,9 +33,12 @@ success, and AntMaze is scored by success (`Scoring.by_success`), D4RL's normali
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import difflib
 import importlib
+import io
 import os
 import re
 import socket
@@ -100,6 +103,7 @@ def detect_domain(identifier: str) -> str:
 
 def resolve(name: str) -> Task:
     """Resolve an `--env` name; raise UserError listing the closest names when it is unknown."""
+    register_robotics_envs()
     if _is_local(name) or _buildable(name) or (_MINARI_ID.match(name) and "/" in name):
         return Task(name, name, None, detect_domain(name))
     short = re.sub(r"-v\d+$", "", name)
@@ -138,11 +142,16 @@ def _is_local(dataset_id: str) -> bool:
 
 
 def _buildable(dataset_id: str) -> bool:
-    return dataset_id.startswith("local/") and _builder().is_buildable(dataset_id)
+    builder = _builder()
+    return dataset_id.startswith("local/") and builder is not None and builder.is_buildable(dataset_id)
 
 
 def _builder():
-    return importlib.import_module("benchmarks.build_dataset")
+    """benchmarks/build_dataset.py, or None where only the scripts and common/ were copied."""
+    try:
+        return importlib.import_module("benchmarks.build_dataset")
+    except ImportError:
+        return None
 
 
 def _remote_host() -> str:
@@ -150,14 +159,30 @@ def _remote_host() -> str:
     return "storage.googleapis.com" if remote.startswith("gcp://") else "huggingface.co"
 
 
-def _can_reach(host: str, timeout: float = 3.0) -> bool:
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _can_reach(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether a download could start: a TCP connection to `host` within `timeout` seconds.
+
+    Behind a proxy a direct connection proves nothing, so Minari is left to try.
+    """
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", ""):
         return False
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
         return True
-    except OSError:
+
+    def connect():
+        socket.create_connection((host, port), timeout=timeout).close()
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # bounds the DNS look-up too
+    try:
+        pool.submit(connect).result(timeout=timeout)
+        return True
+    except (OSError, concurrent.futures.TimeoutError):
         return False
+    finally:
+        pool.shutdown(wait=False)
 
 
 def load_dataset(task: Task):
@@ -171,9 +196,10 @@ def load_dataset(task: Task):
         return minari.load_dataset(dataset_id)
     if dataset_id.startswith("local/"):
         if not _buildable(dataset_id):
+            builder = _builder()
+            known = ("it builds: " + ", ".join(builder.BUILDABLE_PATTERNS)) if builder else "it is not in this copy"
             raise UserError(f"local dataset {dataset_id!r} was not found at {path}, and "
-                            f"benchmarks/build_dataset.py does not know how to build it "
-                            f"(it builds: {', '.join(_builder().BUILDABLE_PATTERNS)}).")
+                            f"benchmarks/build_dataset.py cannot build it ({known}).")
         print(f"Building local dataset {dataset_id} at {path} by simulation (first use; cached afterwards).")
         return _builder().build(dataset_id)
     host = _remote_host()
@@ -183,12 +209,21 @@ def load_dataset(task: Task):
             f"downloaded: no connection to {host}.\n  Looked for it in: {path}\n"
             f"  On a connected machine run:  minari download {dataset_id}\n"
             f"  then copy ~/.minari/datasets/{dataset_id} to {path} "
-            f"(or set MINARI_DATASETS_PATH to a folder that holds it).")
+            f"(or set MINARI_DATASETS_PATH to a folder that holds it).{_closest_known_ids(dataset_id)}")
     print(f"Downloading {dataset_id} with Minari into {path} ...")
     try:
         return minari.load_dataset(dataset_id, download=True)
     except ValueError as error:  # Minari's answer for ids it does not host
         raise UserError(f"Minari could not download {dataset_id!r}: {error}") from None
+
+
+def _closest_known_ids(dataset_id: str) -> str:
+    """A hint for a Minari id that is not one of the known D4RL successors (a typo, say)."""
+    known = sorted(set(ALIASES.values()))
+    if dataset_id in known:
+        return ""
+    close = difflib.get_close_matches(dataset_id, known, n=3, cutoff=0.6)
+    return ("\n  Is the id right? Closest known ids: " + ", ".join(close)) if close else ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,7 +336,7 @@ def env_factory(task: Task, dataset=None):
     overrides = {"continuing_task": False} if task.domain == "antmaze" else {}
 
     def make():
-        _register_robotics()
+        register_robotics_envs()
         if dataset is not None:
             env = dataset.recover_environment(eval_env=True, **overrides)
         else:
@@ -311,8 +346,14 @@ def env_factory(task: Task, dataset=None):
     return make
 
 
-def _register_robotics():
-    import gymnasium_robotics
+def register_robotics_envs() -> None:
+    """Register Gymnasium-Robotics' envs (mazes, Adroit, Kitchen), quietly.
+
+    Its first import prints a release notice about Adroit v1 rewards to stderr on every run,
+    which would read like a problem with the user's run; it is kept out of the output.
+    """
+    with contextlib.redirect_stderr(io.StringIO()):
+        import gymnasium_robotics
 
     gym.register_envs(gymnasium_robotics)
 

@@ -7,6 +7,7 @@ neither TensorFlow nor PyTorch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -21,9 +22,19 @@ CHECKPOINT_FILE = os.path.join("checkpoints", "latest.msgpack")
 
 
 def new_run_dir(log_dir: str, algorithm: str, env: str, seed: int) -> str:
-    """A fresh run folder name; `/` in env ids becomes `-`."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return os.path.join(log_dir, f"{algorithm}__{env.replace('/', '-')}__{seed}__{stamp}")
+    """Create and return a fresh run folder; `/` in env ids becomes `-`.
+
+    Two runs started in the same second get distinct folders (`-1`, `-2`, ... appended).
+    """
+    base = os.path.join(log_dir, f"{algorithm}__{env.replace('/', '-')}__{seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    for attempt in range(1000):
+        path = base if attempt == 0 else f"{base}-{attempt}"
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a fresh run folder next to {base}")
 
 
 def write_json(path: str, value: Any) -> None:
@@ -59,33 +70,64 @@ def format_table(config: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@dataclasses.dataclass(frozen=True)
+class Resumed:
+    """Where a resumed run's checkpoint left it."""
+
+    step: int  # everything logged at steps <= step was logged before the checkpoint
+    evaluations: int  # evaluations written before the checkpoint
+    elapsed: float  # wall-clock seconds the run had used
+
+
 class RunLogger:
-    """Writes one run's folder. `resume_step` continues an existing run after its checkpoint."""
+    """Writes one run's folder. With `resumed`, continues an existing run after its checkpoint:
+    evaluations and TensorBoard events written after the checkpoint are dropped (they are redone)."""
 
     def __init__(self, run_dir: str, config: Mapping[str, Any], total_steps: int,
-                 resume_step: int | None = None, elapsed: float = 0.0, progress: bool = True):
+                 resumed: Resumed | None = None, progress: bool = True):
         self.run_dir = run_dir
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        if resume_step is None:
+        if resumed is None:
             write_json(os.path.join(run_dir, CONFIG_FILE), dict(config))
             print(format_table(config))
         else:
-            self._drop_evaluations_after(resume_step)
-        self.writer = SummaryWriter(run_dir, purge_step=resume_step)
-        self.start = time.time() - elapsed
-        self.last_eval = ""
-        self.bar = tqdm(total=total_steps, initial=resume_step or 0, disable=not progress,
+            self._keep_evaluations(resumed.evaluations)
+        self._writers_opened = 0
+        self.writer = self._open_writer(purge_step=None if resumed is None else resumed.step + 1)
+        self.start = time.time() - (0.0 if resumed is None else resumed.elapsed)
+        self.steps = 0 if resumed is None else resumed.step
+        self._rate_mark = (time.time(), self.steps)
+        self.bar = tqdm(total=total_steps, initial=self.steps, disable=not progress,
                         dynamic_ncols=True, smoothing=0.05, unit="step")
 
     def elapsed(self) -> float:
         return time.time() - self.start
 
-    def _drop_evaluations_after(self, step: int) -> None:
-        kept = [record for record in read_evaluations(self.run_dir) if record["step"] <= step]
+    def _open_writer(self, purge_step: int | None = None) -> SummaryWriter:
+        # A distinct suffix per writer: event files are named by the second they were opened in.
+        self._writers_opened += 1
+        return SummaryWriter(self.run_dir, purge_step=purge_step,
+                             filename_suffix=f".{os.getpid()}.{self._writers_opened}")
+
+    def sync(self) -> None:
+        """Put every TensorBoard event logged so far on disk. The writer is asynchronous (a queue
+        and a thread) and its flush() skips the queue, so it is closed and a new one opened;
+        call this before a checkpoint, so a killed run loses nothing logged before it."""
+        self.writer.close()
+        self.writer = self._open_writer()
+
+    def _keep_evaluations(self, count: int) -> None:
+        kept = read_evaluations(self.run_dir)[:count]
         path = os.path.join(self.run_dir, EVALUATIONS_FILE)
         with open(path + ".tmp", "w") as file:
             file.writelines(json.dumps(record) + "\n" for record in kept)
         os.replace(path + ".tmp", path)
+
+    def steps_per_second(self) -> float:
+        """Throughput since the previous call (evaluations and compilation included)."""
+        now, mark_time, mark_steps = time.time(), *self._rate_mark
+        self._rate_mark = (now, self.steps)
+        return (self.steps - mark_steps) / max(now - mark_time, 1e-9)
 
     def scalars(self, metrics: Mapping[str, float], step: int) -> None:
         for name, value in metrics.items():
@@ -98,11 +140,12 @@ class RunLogger:
         self.scalars({f"eval/{name}": value for name, value in metrics.items()}, step)
         self.writer.flush()
         shown = metrics.get("normalized_score", metrics["return"])
-        self.last_eval = f"{'score' if 'normalized_score' in metrics else 'return'} {shown:.1f}"
-        self.bar.set_postfix_str(f"{phase} eval {self.last_eval}", refresh=False)
+        label = "score" if "normalized_score" in metrics else "return"
+        self.bar.set_postfix_str(f"{phase} eval {label} {shown:.1f}", refresh=False)
         self.bar.write(f"[{phase} step {step}] " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
     def advance(self, steps: int = 1) -> None:
+        self.steps += steps
         self.bar.update(steps)
 
     def close(self) -> None:

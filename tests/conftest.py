@@ -39,6 +39,15 @@ def tiny_pointmaze(minari_session_root) -> str:
     return dataset_id
 
 
+def teleport_ant_to_goal(env) -> None:
+    """Put an AntMaze ant on the maze's goal: a state change inside the simulator, after which
+    the env steps as usual (so the success, reward and termination are the env's own)."""
+    maze, ant = env.unwrapped, env.unwrapped.ant_env
+    qpos, qvel = ant.data.qpos.copy(), ant.data.qvel.copy()
+    qpos[:2] = maze.goal
+    ant.set_state(qpos, qvel)
+
+
 def run_script(script: str, *args: str, timeout: float = 120, **popen) -> subprocess.CompletedProcess:
     """Run `python algorithms/<script> args...` from the repository root."""
     return subprocess.run([sys.executable, str(REPO / "algorithms" / script), *args], cwd=REPO,

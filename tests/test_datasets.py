@@ -9,6 +9,7 @@ import pytest
 
 from common import datasets
 from common.cli import UserError
+from tests.conftest import teleport_ant_to_goal
 
 
 def episode(rewards, terminations=None, truncations=None, observations=None):
@@ -41,6 +42,8 @@ def test_resolve_names(name, dataset_id, domain):
 def test_resolve_gymnasium_env_is_online_only():
     task = datasets.resolve("Hopper-v5")
     assert task.dataset_id is None and task.env_id == "Hopper-v5" and task.domain == "locomotion"
+    task = datasets.resolve("AntMaze_UMaze-v4")  # a Gymnasium-Robotics id
+    assert task.dataset_id is None and task.domain == "antmaze"
 
 
 def test_unknown_name_lists_closest():
@@ -94,7 +97,12 @@ def test_antmaze_env_gives_d4rl_observation_and_ends_at_success():
     env = datasets.env_factory(datasets.Task("x", None, "AntMaze_UMaze-v4", "antmaze"))()
     observation, _ = env.reset(seed=0)
     assert observation.shape == (29,) and env.action_space.shape == (8,)
-    assert env.unwrapped.continuing_task is False
+    np.testing.assert_allclose(observation[:2], env.unwrapped.ant_env.data.qpos[:2], atol=1e-6)  # x, y first
+    _, reward, terminated, _, _ = env.step(np.zeros(8, np.float32))
+    assert not terminated and reward == 0
+    teleport_ant_to_goal(env)
+    _, reward, terminated, _, info = env.step(np.zeros(8, np.float32))
+    assert terminated and reward == 1 and info["success"]
 
 
 def test_franka_kitchen_constructs_and_steps():
@@ -136,8 +144,28 @@ def test_missing_dataset_offline_fails_fast_with_one_message(tmp_path, monkeypat
 
 
 def test_network_probe_is_quick_without_network(monkeypatch):
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    start = time.time()
+    assert datasets._can_reach("127.0.0.1", port=1) is False  # nothing listens: refused at once
+    assert datasets._can_reach("host.invalid") is False  # a name that never resolves
+    assert time.time() - start < 4
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert datasets._can_reach("huggingface.co") is False
+
+
+def test_misspelled_minari_id_offline_suggests_known_ids(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    monkeypatch.setattr(datasets, "_can_reach", lambda host: False)
+    with pytest.raises(UserError, match="Closest known ids: D4RL/antmaze/large-diverse-v1"):
+        datasets.load_dataset(datasets.resolve("D4RL/antmaze/lage-diverse-v1"))
+
+
+def test_local_id_without_the_builder_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    monkeypatch.setattr(datasets, "_builder", lambda: None)  # only the scripts and common/ were copied
+    with pytest.raises(UserError, match="cannot build it"):
+        datasets.load_dataset(datasets.resolve("local/pointmaze/umaze-dense-v0"))
 
 
 def test_local_dataset_loads_as_flat_transitions(tiny_pointmaze):

@@ -12,9 +12,9 @@ from algorithms import rlpd
 OBS, ACT, B = 5, 2, 32
 
 
-def setup(num_qs=5, num_min_qs=2, backup_entropy=False, seed=0):
+def setup(num_qs=5, num_min_qs=2, backup_entropy=False, seed=0, discount=1.0):
     args = dataclasses.replace(rlpd.Args(), hidden_dims=(32, 32), num_qs=num_qs, num_min_qs=num_min_qs,
-                               backup_entropy=backup_entropy, seed=seed, discount=1.0)
+                               backup_entropy=backup_entropy, seed=seed, discount=discount)
     config = rlpd.make_config(args, ACT)
     agent = rlpd.create_agent(args, config, OBS, ACT)
     # Different target params per member (init makes them differ already; perturb to be sure).
@@ -75,8 +75,8 @@ def test_target_with_one_member_is_one_critic():
     assert any(np.allclose(value, qs[i], atol=1e-5) for i in range(5))
 
 
-def test_entropy_backup_subtracts_alpha_log_pi():
-    _, config_on, agent = setup(backup_entropy=True)
+def test_entropy_backup_subtracts_gamma_alpha_log_pi():
+    _, config_on, agent = setup(backup_entropy=True, discount=0.9)
     config_off = dataclasses.replace(config_on, backup_entropy=False)
     data = batch()
     off = target(agent, config_off, data, 0)
@@ -84,6 +84,10 @@ def test_entropy_backup_subtracts_alpha_log_pi():
     diff2 = target(agent, config_on, data, 0, temperature=2.0) - off
     assert float(jnp.abs(diff1).max()) > 1e-3
     np.testing.assert_allclose(diff2, 2 * diff1, rtol=1e-4, atol=1e-5)  # proportional to alpha
+    # ...and to gamma: -gamma * mask * alpha * log pi(a'|s'), with a' drawn as td_target draws it.
+    mean, log_std = config_on.actor.apply({"params": agent.actor.params}, data["next_observations"])
+    _, log_pi = rlpd.sample_tanh_normal(jax.random.split(jax.random.PRNGKey(0))[0], mean, log_std)
+    np.testing.assert_allclose(diff1, -0.9 * log_pi, rtol=1e-4, atol=1e-4)
     # With a near-deterministic actor log pi is large and positive: the backup must LOWER the target.
     sharp = near_deterministic(agent)
     assert float((target(sharp, config_on, data, 0) - target(sharp, config_off, data, 0)).max()) < 0

@@ -13,8 +13,9 @@ import pytest
 import tyro
 
 from algorithms import rlpd
+from common import datasets
 from common.logger import CHECKPOINT_FILE, read_evaluations
-from tests.conftest import REPO, TINY_RUN, run_script
+from tests.conftest import REPO, TINY_RUN, run_script, teleport_ant_to_goal
 
 TINY_ARGS = dict(utd=2, batch_size=64, hidden_dims=(64, 64), start_training=100, eval_every=100,
                  eval_episodes=2, progress=False)
@@ -34,6 +35,7 @@ def test_smoke_run_writes_the_run_folder(tiny_pointmaze, tmp_path):
     assert run_dir.name.startswith("rlpd__local-pointmaze-umaze-dense-v0__0__")
     config = json.loads((run_dir / "config.json").read_text())
     assert config["algorithm"] == "rlpd" and config["num_qs"] == 10 and config["offline_ratio"] == 0.5
+    assert config["target_entropy"] == -1.0  # resolved: -|A|/2 with |A| = 2
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir))
     records = read_evaluations(run_dir)
     assert [r["step"] for r in records] == [0, 100, 200, 300]
@@ -42,14 +44,19 @@ def test_smoke_run_writes_the_run_folder(tiny_pointmaze, tmp_path):
     assert "hyperparameter" in result.stdout  # the table printed at the start
 
 
-def test_tensorboard_scalars_readable(tiny_pointmaze, tmp_path):
-    run_dir = rlpd.main(rlpd.Args(env=tiny_pointmaze, online_steps=200, log_dir=str(tmp_path), log_every=50, **TINY_ARGS))
+def scalar_steps(run_dir, tag):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(run_dir)
+    events = EventAccumulator(str(run_dir))
     events.Reload()
-    tags = set(events.Tags()["scalars"])
-    assert {"eval/return", "eval/normalized_score", "train/critic_loss", "train/temperature", "time/sps"} <= tags
+    return [(event.step, round(event.value, 4)) for event in events.Scalars(tag)]
+
+
+def test_tensorboard_scalars_readable(tiny_pointmaze, tmp_path):
+    run_dir = rlpd.main(rlpd.Args(env=tiny_pointmaze, online_steps=200, log_dir=str(tmp_path), log_every=50, **TINY_ARGS))
+    for tag in ("eval/return", "eval/normalized_score", "train/critic_loss", "train/temperature"):
+        assert scalar_steps(run_dir, tag), tag
+    assert all(value > 0 for _, value in scalar_steps(run_dir, "time/sps"))  # also without a progress bar
 
 
 def test_offline_phase_then_online(tiny_pointmaze, tmp_path):
@@ -70,13 +77,16 @@ def test_same_seed_same_evaluations(tiny_pointmaze, tmp_path):
     assert [r["return"] for r in first] != [r["return"] for r in other]
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(tiny_pointmaze, tmp_path):
-    # The first checkpoint (step 300, an episode end) falls inside the random-action phase, so the
-    # numpy generator's state matters as much as the networks' and the buffers'.
-    flags = ["--env", tiny_pointmaze, "--online-steps", "1500", "--checkpoint-every", "150", *TINY_RUN,
-             "--start-training", "450"]
-    args = tyro.cli(rlpd.Args, args=[*flags, "--log-dir", str(tmp_path / "full")])
-    reference = scores(rlpd.main(args))
+@pytest.mark.parametrize("phase_flags", [
+    # Online: the first checkpoint (step 300, an episode end) falls inside the random-action
+    # phase, so the numpy generator's state matters as much as the networks' and the buffers'.
+    ["--online-steps", "1500", "--start-training", "450"],
+    # Offline: checkpoints every 150 updates, evaluations every 100.
+    ["--offline-steps", "900", "--online-steps", "300", "--log-every", "50"],
+], ids=["online", "offline"])
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_pointmaze, tmp_path, phase_flags):
+    flags = ["--env", tiny_pointmaze, "--checkpoint-every", "150", *TINY_RUN, *phase_flags]
+    reference_dir = rlpd.main(tyro.cli(rlpd.Args, args=[*flags, "--log-dir", str(tmp_path / "full")]))
 
     killed_root = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "algorithms/rlpd.py", *flags, "--log-dir", str(killed_root)],
@@ -88,10 +98,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_pointmaze, tmp_path
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run must be killed mid-way for this test to mean anything"
     (run_dir,) = killed_root.iterdir()
-    assert len(scores(run_dir)) < len(reference)
+    assert len(scores(run_dir)) < len(scores(reference_dir))
 
     rlpd.main(rlpd.Args(resume=str(run_dir)))
-    assert scores(run_dir) == reference
+    assert scores(run_dir) == scores(reference_dir)
+    assert scalar_steps(run_dir, "eval/return") == scalar_steps(reference_dir, "eval/return")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -101,10 +112,13 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_pointmaze, tmp_path
     (["--env", "antmaze-larg"], "Closest names: antmaze-large"),
     (["--env", "Hopper-v5"], "--offline-ratio 0"),
     (["--resume", "/nonexistent/run"], "no config.json"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--critic-lr", "0"], "--critic-lr must be positive"),
+    (["--log-dir", "/proc/no-such-folder"], "cannot create --log-dir"),
 ])
 def test_bad_input_gets_one_message_and_exit_2(flags, message, tmp_path):
     start = time.time()
-    result = run_script("rlpd.py", *flags, "--log-dir", str(tmp_path))
+    result = run_script("rlpd.py", "--log-dir", str(tmp_path), *flags)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert time.time() - start < 30
@@ -131,11 +145,29 @@ def test_unreadable_checkpoint_is_reported(tiny_pointmaze, tmp_path):
     assert result.returncode == 2 and "no checkpoint" in result.stderr
 
 
+def field_docstrings(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
+            docs[node.target.id] = following.value.value
+    return docs
+
+
 def test_help_documents_every_flag():
-    result = run_script("rlpd.py", "--help")
+    result = run_script("rlpd.py", "--help", env={**os.environ, "COLUMNS": "400"})
     assert result.returncode == 0
+    docs = field_docstrings(rlpd.Args)
+    help_text = " ".join(result.stdout.split())
     for field in dataclasses.fields(rlpd.Args):
-        assert "--" + field.name.replace("_", "-") in result.stdout, field.name
+        assert field.name in docs, f"{field.name} has no docstring"
+        assert "--" + field.name.replace("_", "-") in help_text, field.name
+        assert " ".join(docs[field.name].split()) in help_text, field.name
 
 
 def test_builder_makes_a_dataset_from_our_checkpoint(tmp_path, minari_session_root):
@@ -172,12 +204,21 @@ def test_antmaze_pipeline_end_to_end(minari_session_root, tmp_path):
     gym.register_envs(gymnasium_robotics)
     env = minari.DataCollector(gym.make("AntMaze_UMaze-v4", continuing_task=True, max_episode_steps=200))
     env.reset(seed=0)
-    for _ in range(600):
+    env.action_space.seed(0)
+    for step in range(600):
+        if step == 50:  # the first episode reaches the goal and stays near it for a while
+            teleport_ant_to_goal(env)
         _, _, terminated, truncated, _ = env.step(env.action_space.sample())
         if terminated or truncated:
             env.reset()
-    env.create_dataset("local/antmaze/random-tiny-v0", eval_env=gym.make("AntMaze_UMaze-v4").spec,
-                       algorithm_name="random", ref_min_score=0.0, ref_max_score=1.0)
+    dataset = env.create_dataset("local/antmaze/random-tiny-v0", eval_env=gym.make("AntMaze_UMaze-v4").spec,
+                                 algorithm_name="random", ref_min_score=0.0, ref_max_score=1.0)
+    first = next(iter(dataset.iterate_episodes()))
+    assert first.rewards.sum() > 1  # Minari AntMaze style: reward 1 on every step near the goal
+    data = rlpd.load_offline_data(datasets.resolve(dataset.spec.dataset_id), dataset, dataset.action_space)
+    assert (data["masks"] == 0).sum() == 1  # one terminal: the first goal-reaching step
+    assert len(data["rewards"]) < 600  # the rest of that episode is dropped
+    assert set(np.unique(data["rewards"])) == {-1.0, 0.0}  # r - 1
 
     run_dir = rlpd.main(rlpd.Args(env="local/antmaze/random-tiny-v0", online_steps=200, log_dir=str(tmp_path),
                                   **{**TINY_ARGS, "eval_every": 200}))

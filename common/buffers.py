@@ -88,3 +88,43 @@ def restore_rows(buffer: Buffer, rows: Mapping[str, np.ndarray], cursor: int) ->
     size = len(next(iter(rows.values())))
     data = {key: buffer.data[key].at[:size].set(jnp.asarray(rows[key])) for key in buffer.data}
     return buffer.replace(data=data, size=jnp.int32(size), cursor=jnp.int32(cursor))
+
+
+INSERT_BLOCK = 256  # rows written per jitted call of `insert_rows`; one compilation for any count
+
+
+def _insert_block(buffer: Buffer, block: Batch, count: jax.Array) -> Buffer:
+    """Write the first `count` rows of `block` at the cursor, wrapping around; the rest is dropped."""
+    offsets = jnp.arange(INSERT_BLOCK)
+    rows = jnp.where(offsets < count, (buffer.cursor + offsets) % buffer.capacity, buffer.capacity)
+    data = {key: buffer.data[key].at[rows].set(block[key], mode="drop") for key in buffer.data}
+    return buffer.replace(data=data, size=jnp.minimum(buffer.size + count, buffer.capacity),
+                          cursor=(buffer.cursor + count) % buffer.capacity)
+
+
+_insert_block_jit = jax.jit(_insert_block, donate_argnums=0)
+
+
+def insert_rows(buffer: Buffer, rows: Mapping[str, np.ndarray]) -> Buffer:
+    """Append host rows (e.g. a finished trajectory) in fixed-size blocks; returns the new buffer."""
+    count = len(next(iter(rows.values())))
+    for start in range(0, count, INSERT_BLOCK):
+        n = min(INSERT_BLOCK, count - start)
+        block = {key: np.zeros((INSERT_BLOCK, *value.shape[1:]), value.dtype) for key, value in buffer.data.items()}
+        for key in block:
+            block[key][:n] = rows[key][start:start + n]
+        buffer = _insert_block_jit(buffer, block, jnp.int32(n))
+    return buffer
+
+
+def sample_union(key: jax.Array, first: Buffer, second: Buffer, shape: tuple[int, ...]) -> Batch:
+    """Rows drawn uniformly from the filled rows of both buffers together, as if they were one
+    buffer pre-filled with `first` (IQL's fine-tuning buffer, without copying the offline data)."""
+    total = first.size + second.size
+    index = jax.random.randint(key, shape, 0, jnp.maximum(total, 1))
+    in_second = index >= first.size
+    first_rows = jnp.minimum(index, first.capacity - 1)
+    second_rows = jnp.clip(index - first.size, 0, second.capacity - 1)
+    return {name: jnp.where(in_second.reshape(shape + (1,) * (first.data[name].ndim - 1)),
+                            second.data[name][second_rows], first.data[name][first_rows])
+            for name in first.data}

@@ -294,6 +294,45 @@ def episodes_to_transitions(episodes, domain: str) -> dict[str, np.ndarray]:
     return {key: np.concatenate(value) for key, value in columns.items()}
 
 
+def trajectory_ends(terminated: np.ndarray, episode_ends: np.ndarray, observations: np.ndarray | None = None,
+                    next_observations: np.ndarray | None = None, tolerance: float = 1e-6) -> np.ndarray:
+    """Where a trajectory stops: a terminal, an episode end (timeouts included), or a step whose
+    next observation is not the following step's observation (datasets without end markers)."""
+    ends = np.asarray(terminated, bool) | np.asarray(episode_ends, bool)
+    if observations is not None and next_observations is not None and len(ends) > 1:
+        jump = np.linalg.norm(next_observations[:-1] - observations[1:], axis=-1) > tolerance
+        ends[:-1] |= jump
+    ends[-1] = True
+    return ends
+
+
+def returns_to_go(rewards: np.ndarray, ends: np.ndarray, discount: float,
+                  failure_reward: float | None = None) -> np.ndarray:
+    """Monte-Carlo discounted return from every step to the end of its trajectory (Cal-QL).
+
+    Trajectories stop where `ends` is true (see `trajectory_ends`); nothing is bootstrapped past
+    a trajectory's last step, whether it terminated or timed out. With `failure_reward` set
+    (sparse-reward tasks), a trajectory whose every reward equals it never succeeded and every
+    step gets failure_reward / (1 - discount), the value of failing forever, instead of a
+    return that would shrink towards 0 near its (arbitrary) time limit.
+    """
+    rewards = np.asarray(rewards, np.float64)
+    ends = np.asarray(ends, bool)
+    returns = np.zeros(len(rewards), np.float64)
+    starts = np.concatenate([[0], np.flatnonzero(ends[:-1]) + 1])
+    stops = np.flatnonzero(ends) + 1
+    for start, stop in zip(starts, stops):
+        segment = rewards[start:stop]
+        if failure_reward is not None and np.all(segment == failure_reward):
+            returns[start:stop] = failure_reward / (1.0 - discount)
+            continue
+        following = 0.0
+        for i in range(stop - 1, start - 1, -1):
+            following = rewards[i] + discount * following
+            returns[i] = following
+    return returns.astype(np.float32)
+
+
 # --------------------------------------------------------------------------------------------
 # Environments and scoring
 

@@ -39,6 +39,34 @@ def tiny_pointmaze(minari_session_root) -> str:
     return dataset_id
 
 
+@pytest.fixture(scope="session")
+def learning_pointmaze(minari_session_root) -> str:
+    """A real 50k-step PointMaze UMaze dataset for the offline learning checks; returns its id."""
+    from benchmarks.build_dataset import build_pointmaze
+
+    dataset_id = "local/pointmaze/umaze-dense-learning-v0"
+    build_pointmaze("umaze", dense=True, num_steps=50_000, seed=1, dataset_id=dataset_id, ref_episodes=5)
+    return dataset_id
+
+
+def random_policy_return(env_name: str, episodes: int, seed: int = 0) -> float:
+    """Mean evaluation return of the uniform random policy, measured on the same evaluation envs
+    (and the same reset seeds) as a training script's evaluations of `env_name`."""
+    import numpy as np
+
+    from common import datasets
+    from common.evaluation import Evaluator
+
+    task = datasets.resolve(env_name)
+    dataset = datasets.load_dataset(task)
+    evaluator = Evaluator(datasets.env_factory(task, dataset), episodes, datasets.Scoring())
+    rng = np.random.default_rng(seed)
+    action_dim = evaluator.envs[0].action_space.shape[0]
+    metrics = evaluator(lambda observations: rng.uniform(-1, 1, (len(observations), action_dim)), seed)
+    evaluator.close()
+    return metrics["return"]
+
+
 def teleport_ant_to_goal(env) -> None:
     """Put an AntMaze ant on the maze's goal: a state change inside the simulator, after which
     the env steps as usual (so the success, reward and termination are the env's own)."""

@@ -114,8 +114,8 @@ class Args:
     """Online updates per environment step (each trajectory is followed by utd x its length updates)."""
     batch_size: int = 256
     """Minibatch size of one gradient update."""
-    offline_ratio: float = 0.5
-    """Share of every online-phase minibatch drawn from the offline data (Cal-QL's mixing ratio)."""
+    offline_ratio: float | None = None
+    """Share of every online-phase minibatch drawn from the offline data (Cal-QL's mixing ratio) [preset]."""
     eval_every: int = 10_000
     """Evaluate every this many steps of each phase, and at the end of each phase."""
     eval_episodes: int = 10
@@ -160,8 +160,8 @@ class Args:
     """n: random, policy and next-policy actions each, per state, in the log-sum-exp."""
     cql_temperature: float = 1.0
     """Temperature T of the log-sum-exp."""
-    cql_importance_sample: bool = True
-    """Importance-sampled log-sum-exp (CQL(H) as in the paper); off: plain log-sum-exp over the samples and Q(s, a_data)."""
+    cql_importance_sample: bool | None = None
+    """Importance-sampled log-sum-exp (CQL(H) as in the paper); off: plain log-sum-exp over the samples and Q(s, a_data) [preset]."""
     cql_lagrange: bool | None = None
     """Tune the penalty weight by dual gradient descent towards --lagrange-threshold [preset]."""
     lagrange_threshold: float | None = None
@@ -179,7 +179,8 @@ class Args:
 
 
 _CQL = dict(actor_hidden_dims=(256, 256, 256), critic_hidden_dims=(256, 256, 256), max_target_backup=False,
-            bc_steps=40_000, reward_scale=1.0, reward_bias=0.0, offline_steps=1_000_000)
+            bc_steps=40_000, reward_scale=1.0, reward_bias=0.0, offline_steps=1_000_000, offline_ratio=0.5,
+            cql_importance_sample=True)
 PRESETS: dict[str, dict[str, Any]] = {
     # README MuJoCo command: policy_lr 1e-4, lagrange_thresh -1 (off), min_q_weight 5
     "locomotion": dict(_CQL, cql_alpha=5.0, cql_lagrange=False, lagrange_threshold=0.0, actor_lr=1e-4,
@@ -553,13 +554,14 @@ def make_step_functions(args: Args, config: Config):
 
 def validate(args: Args) -> None:
     """Every flag check that needs no data; runs before anything is loaded or compiled."""
-    check(0.0 <= args.offline_ratio <= 1.0, f"--offline-ratio must lie in [0, 1], got {args.offline_ratio}.")
     check(args.utd >= 1, f"--utd must be at least 1, got {args.utd}.")
     check(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}.")
-    n_offline = args.batch_size * args.offline_ratio
-    check(abs(n_offline - round(n_offline)) < 1e-6,
-          f"--batch-size {args.batch_size} cannot be split by --offline-ratio {args.offline_ratio}: "
-          f"batch-size x ratio = {n_offline:g} offline rows must be a whole number.")
+    if args.offline_ratio is not None:
+        check(0.0 <= args.offline_ratio <= 1.0, f"--offline-ratio must lie in [0, 1], got {args.offline_ratio}.")
+        n_offline = args.batch_size * args.offline_ratio
+        check(abs(n_offline - round(n_offline)) < 1e-6,
+              f"--batch-size {args.batch_size} cannot be split by --offline-ratio {args.offline_ratio}: "
+              f"batch-size x ratio = {n_offline:g} offline rows must be a whole number.")
     for name in ("offline_steps", "online_steps", "bc_steps"):
         value = getattr(args, name)
         check(value is None or value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}.")

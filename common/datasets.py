@@ -306,15 +306,17 @@ def trajectory_ends(terminated: np.ndarray, episode_ends: np.ndarray, observatio
     return ends
 
 
-def returns_to_go(rewards: np.ndarray, ends: np.ndarray, discount: float,
-                  failure_reward: float | None = None) -> np.ndarray:
+def returns_to_go(rewards: np.ndarray, ends: np.ndarray, discount: float, failure_reward: float | None = None,
+                  terminated: np.ndarray | None = None, infinite_horizon: bool = False) -> np.ndarray:
     """Monte-Carlo discounted return from every step to the end of its trajectory (Cal-QL).
 
-    Trajectories stop where `ends` is true (see `trajectory_ends`); nothing is bootstrapped past
-    a trajectory's last step, whether it terminated or timed out. With `failure_reward` set
-    (sparse-reward tasks), a trajectory whose every reward equals it never succeeded and every
-    step gets failure_reward / (1 - discount), the value of failing forever, instead of a
-    return that would shrink towards 0 near its (arbitrary) time limit.
+    Trajectories stop where `ends` is true (see `trajectory_ends`); by default nothing is
+    bootstrapped past a trajectory's last step, whether it terminated or timed out. With
+    `failure_reward` set (sparse-reward tasks), a trajectory whose every reward equals it never
+    succeeded and every step gets failure_reward / (1 - discount), the value of failing forever,
+    instead of a return that would shrink towards 0 near its (arbitrary) time limit. With
+    `infinite_horizon` (Cal-QL's Kitchen rule), a trajectory that did not terminate is taken to
+    keep its last reward forever after its end.
     """
     rewards = np.asarray(rewards, np.float64)
     ends = np.asarray(ends, bool)
@@ -327,6 +329,8 @@ def returns_to_go(rewards: np.ndarray, ends: np.ndarray, discount: float,
             returns[start:stop] = failure_reward / (1.0 - discount)
             continue
         following = 0.0
+        if infinite_horizon and not (terminated is not None and terminated[stop - 1]):
+            following = rewards[stop - 1] / (1.0 - discount)
         for i in range(stop - 1, start - 1, -1):
             following = rewards[i] + discount * following
             returns[i] = following

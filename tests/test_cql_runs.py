@@ -145,12 +145,16 @@ def test_checkpoint_loads_for_later_scripts(module, tiny_pointmaze, tmp_path):
 @pytest.mark.slow
 @MODULES
 def test_offline_policy_beats_random_on_pointmaze(module, learning_pointmaze, tmp_path):
-    """On a real 50k-step PointMaze dataset from the project's builder, a short offline run's
-    final policy scores clearly above the uniform random policy (same evaluation envs/seeds)."""
+    """On a real 50k-step PointMaze dataset from the project's builder, the policy of a short
+    offline run (evaluated at 4k, 6k and 8k updates, 10 episodes each) reaches the goal in most
+    episodes and scores clearly above the uniform random policy, which never reaches it."""
     run_dir = module.main(tyro.cli(module.Args, args=[
-        "--env", learning_pointmaze, "--offline-steps", "6000", "--online-steps", "0", "--actor-hidden-dims", "128",
+        "--env", learning_pointmaze, "--offline-steps", "8000", "--online-steps", "0", "--actor-hidden-dims", "128",
         "128", "--critic-hidden-dims", "128", "128", "--batch-size", "128", "--cql-n-actions", "4",
-        "--eval-every", "6000", "--eval-episodes", "10", "--no-progress", "--log-dir", str(tmp_path)]))
-    final = read_evaluations(run_dir)[-1]
+        "--eval-every", "2000", "--eval-episodes", "10", "--no-progress", "--log-dir", str(tmp_path)]))
+    late = [record for record in read_evaluations(run_dir) if record["step"] >= 4000]
+    assert len(late) == 3
     random_return = random_policy_return(learning_pointmaze, episodes=10)
-    assert final["return"] > 2.0 * random_return + 20.0, (final["return"], random_return)
+    mean_return = np.mean([record["return"] for record in late])
+    assert mean_return > random_return + 20.0, (mean_return, random_return)
+    assert np.mean([record["success_rate"] for record in late]) >= 0.5

@@ -53,7 +53,7 @@ is ONE jitted call: insert the transition, `utd` updates, sample the next action
 Module layout of the checkpoint's "agent" state dict (checkpoints/latest.msgpack, key "agent"),
 for scripts that read it: `actor.params` = {MLP_0: {Dense_0, Dense_1}, Dense_0 (mean head),
 log_stds (action_dim,)}; `critic.params` = {VmapCritic_0: {MLP_0: {Dense_0, Dense_1}, Dense_0}}
-with a leading axis of 2 (the twins) on every leaf; `value.params` = {MLP_0: {...}, Dense_0};
+with a leading axis of 2 (the twins) on every leaf, input concat(observation, action); `value.params` = {MLP_0: {...}, Dense_0};
 `target_critic_params` shaped as `critic.params`; each TrainState also holds `step` and
 `opt_state`; `key` is the JAX key. `load_policy(run_dir)` gives the deterministic policy.
 

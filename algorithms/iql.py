@@ -53,7 +53,8 @@ is ONE jitted call: insert the transition, `utd` updates, sample the next action
 Module layout of the checkpoint's "agent" state dict (checkpoints/latest.msgpack, key "agent"),
 for scripts that read it: `actor.params` = {MLP_0: {Dense_0, Dense_1}, Dense_0 (mean head),
 log_stds (action_dim,)}; `critic.params` = {VmapCritic_0: {MLP_0: {Dense_0, Dense_1}, Dense_0}}
-with a leading axis of 2 (the twins) on every leaf, input concat(observation, action); `value.params` = {MLP_0: {...}, Dense_0};
+with a leading axis of 2 (the twins) on every leaf, input concat(observation, action);
+`value.params` = {MLP_0: {...}, Dense_0};
 `target_critic_params` shaped as `critic.params`; each TrainState also holds `step` and
 `opt_state`; `key` is the JAX key. `load_policy(run_dir)` gives the deterministic policy.
 
@@ -483,7 +484,8 @@ def validate(args: Args) -> None:
     check(len(args.hidden_dims) > 0 and min(args.hidden_dims) > 0,
           f"--hidden-dims must be positive widths, got {args.hidden_dims}.")
     check(0.0 < args.discount <= 1.0 and 0.0 < args.tau <= 1.0, "--discount and --tau must lie in (0, 1].")
-    check(args.reward_scale is None or args.reward_scale > 0, f"--reward-scale must be positive, got {args.reward_scale}.")
+    check(args.reward_scale is None or args.reward_scale > 0,
+          f"--reward-scale must be positive, got {args.reward_scale}.")
 
 
 def load_transitions(task: datasets.Task, dataset) -> dict[str, np.ndarray]:

@@ -2,10 +2,10 @@
 
 Kumar, Zhou, Tucker, Levine. "Conservative Q-Learning for Offline Reinforcement Learning",
 NeurIPS 2020, https://arxiv.org/abs/2006.04779. The loss follows the official code,
-aviralkumar2907/CQL (`rlkit/torch/sac/cql.py`, `examples/cql_mujoco_new.py`, README), and its
-JAX re-implementation used by Cal-QL, nakamotoo/Cal-QL (`JaxCQL/conservative_sac.py`), whose
-online fine-tuning loop (`scripts/run_cql_finetune.py` with `--enable_calql=False`) is the
-protocol here. `diff algorithms/cql.py algorithms/calql.py` shows everything Cal-QL changes.
+aviralkumar2907/CQL (`d4rl/rlkit/torch/sac/cql.py`, `d4rl/examples/cql_mujoco_new.py`,
+`cql_antmaze_new.py`, READMEs); networks and the online fine-tuning protocol follow the JAX CQL
+that Cal-QL builds on, nakamotoo/Cal-QL (`JaxCQL/conservative_sac.py`, `JaxCQL/model.py`,
+`JaxCQL/conservative_sac_main.py` with `enable_calql=False`, how Cal-QL ran its CQL baseline). `diff algorithms/cql.py algorithms/calql.py` shows everything Cal-QL changes.
 
 SAC with twin Q-functions (as one vmapped ensemble) whose TD loss is joined by the CQL(H)
 penalty, per critic:
@@ -16,11 +16,12 @@ the log-sum-exp estimated by importance sampling over n=10 uniform random action
 0.5^|A|), n actions of the current policy at s and n actions of the policy at s' (both
 evaluated at s, each Q minus its log-probability).
 
-  * Lagrange tuning (`--cql-lagrange`): the weight becomes alpha' * alpha_cql with
-    alpha' = exp(log alpha') clipped to [0, 1e6], trained to drive the penalty towards
-    `--cql-target-action-gap` (the CQL paper's threshold tau).
-  * Max-target backup (`--max-target-backup`): the TD target takes the max over n sampled next
-    actions of the min over target critics (CQL's AntMaze setting).
+  * Lagrange tuning (`--cql-lagrange`): the penalty becomes alpha' * (alpha_cql * gap -
+    `--lagrange-threshold`), alpha' = exp(log alpha') clipped to [0, 1e6], log alpha' starting
+    at 0 and trained (learning rate: the critics') to hold alpha_cql * gap at the threshold.
+  * Max-target backup (`--max-target-backup`, off in every preset): the TD target is the min
+    over target critics of each critic's max over n sampled next actions (rlkit's
+    `max_q_backup`; it has no entropy term).
   * Behaviour-cloning warm start (`--bc-steps`): for the first updates the actor minimises
     alpha * log pi(a~|s) - log pi(a_data|s) (the CQL code's `policy_eval_start`, 40k).
   * No entropy term in the TD target by default (`deterministic_backup` / `backup_entropy` off).
@@ -40,15 +41,17 @@ with `offline_ratio` (0.5) of its rows from the offline data. Evaluations fall a
 `--eval-every` environment steps (mid-trajectory, with the policy that is collecting it) and
 at the end of each phase; checkpoints at trajectory ends.
 
-Presets (explicit flags win): locomotion as the CQL README's MuJoCo runs (3x256 actor and
-critics, alpha 5 fixed, actor lr 1e-4 with 40k BC steps, raw reward); antmaze as its AntMaze
-runs (alpha 5, Lagrange with threshold 5, max-target backup, reward 4 (r - 0.5)); adroit and
-kitchen as the CQL paper's (alpha 5, Lagrange threshold 5... see PRESETS); pointmaze is ours.
-Offline 1M updates; online 1M environment steps on AntMaze (Cal-QL's fine-tuning length).
+Presets (explicit flags win; 3x256 actor and critics, 40k BC updates, 1M offline updates):
+locomotion as the README's MuJoCo command (alpha 5 fixed, actor lr 1e-4, raw reward, offline
+only); antmaze as its AntMaze command (alpha 5, Lagrange threshold 5, actor lr 1e-4, reward
+4 (r - 0.5) as in `cql_antmaze_new.py`, then 1M online steps, Cal-QL's fine-tuning length);
+kitchen as its Kitchen command (alpha 10, Lagrange threshold 5, actor lr 3e-5); adroit, for
+which there is no official command, the Kitchen settings; pointmaze is ours (the MuJoCo
+settings on 2x256 networks, 10k BC updates, 100k + 100k).
 
-Deviations: none in the losses. The trajectory's updates run in one jitted loop; the CQL code
-evaluates the policy-action log-probabilities of s' samples with the s log-probabilities
-(a known slip in rlkit); we use each sample's own, as JaxCQL does.
+Deviations: none in the losses. The networks are JaxCQL's rather than rlkit's (whose actor has
+a separate log-std layer clipped to [-5, 2] and uniform(+-1e-3) output layers); the BC
+log-likelihood does not clamp the Gaussian mean to [-9, 9] as rlkit does.
 
 Usage:
   python algorithms/cql.py                                   # local PointMaze data, built on first use

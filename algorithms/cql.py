@@ -30,9 +30,10 @@ evaluated at s, each Q minus its log-probability).
     samples and the actor loss use the pre-update actor and critics), then all are applied;
     targets move by Polyak averaging with tau = 0.005 after every update.
   * Networks (JaxCQL): ReLU MLPs; hidden layers with orthogonal init (gain sqrt 2); output
-    layers orthogonal with gain 1e-2; tanh-Gaussian actor whose log-std is the head's output
-    minus 1, clipped to [-20, 2]. `--layer-norm` adds LayerNorm after each hidden layer, and
-    `--num-qs` / `--num-min-qs` give a larger ensemble with a subset-min target: that is the
+    layers orthogonal with gain 1e-2; tanh-Gaussian actor whose log-std is
+    multiplier * head + offset (both learned, initially 1 and -1), clipped to [-20, 2].
+    `--layer-norm` adds LayerNorm after each hidden layer, and `--num-qs` / `--num-min-qs` give
+    a larger ensemble with a subset-min target: that is the
     pre-training network of WSRL (10 critics, min over 2).
 
 Online fine-tuning (Cal-QL's protocol): the policy collects one whole trajectory, which then

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from common.logger import read_evaluations
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Small settings that keep an end-to-end run to seconds on a 2-core CPU.
@@ -74,6 +76,57 @@ def teleport_ant_to_goal(env) -> None:
     qpos, qvel = ant.data.qpos.copy(), ant.data.qvel.copy()
     qpos[:2] = maze.goal
     ant.set_state(qpos, qvel)
+
+
+def kill_after_checkpoint(script: str, flags: list[str], log_dir: Path, ready=None) -> Path:
+    """Start `python algorithms/<script> flags --log-dir log_dir`, SIGKILL it as soon as it has
+    written a checkpoint (one for which `ready(payload)` holds, if given); return its run folder."""
+    import signal
+    import time
+
+    from common import checkpoint
+    from common.logger import CHECKPOINT_FILE
+
+    process = subprocess.Popen([sys.executable, f"algorithms/{script}", *flags, "--log-dir", str(log_dir)],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        paths = list(log_dir.glob("*/" + CHECKPOINT_FILE))
+        if paths and (ready is None or ready(checkpoint.load(str(paths[0])))):
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run must be killed mid-way for this test to mean anything"
+    (run_dir,) = log_dir.iterdir()
+    return run_dir
+
+
+def scores(run_dir):
+    """Evaluations without their wall-clock time."""
+    return [{k: v for k, v in record.items() if k != "wall_time"} for record in read_evaluations(run_dir)]
+
+
+def scalar_steps(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [(event.step, round(event.value, 4)) for event in events.Scalars(tag)]
+
+
+def field_docstrings(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
+            docs[node.target.id] = following.value.value
+    return docs
 
 
 def run_script(script: str, *args: str, timeout: float = 120, **popen) -> subprocess.CompletedProcess:

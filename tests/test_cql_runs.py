@@ -3,9 +3,6 @@ checkpoints for later scripts, online returns-to-go, and the offline learning ch
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -15,8 +12,8 @@ import tyro
 from algorithms import calql, cql
 from common import checkpoint
 from common.logger import CHECKPOINT_FILE, read_evaluations
-from tests.conftest import REPO, random_policy_return, run_script
-from tests.test_rlpd_runs import field_docstrings, scalar_steps, scores
+from tests.conftest import (field_docstrings, kill_after_checkpoint, random_policy_return, run_script, scalar_steps,
+                            scores)
 
 MODULES = pytest.mark.parametrize("module", [cql, calql], ids=["cql", "calql"])
 TINY = ["--actor-hidden-dims", "64", "64", "--critic-hidden-dims", "64", "64", "--batch-size", "64",
@@ -74,16 +71,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(module, phase_flags, tin
     flags = ["--env", tiny_pointmaze, "--checkpoint-every", "150", *TINY, *phase_flags]
     reference_dir = module.main(tyro.cli(module.Args, args=[*flags, "--log-dir", str(tmp_path / "full")]))
 
-    killed_root = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, f"algorithms/{script(module)}", *flags, "--log-dir", str(killed_root)],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(killed_root.glob("*/" + CHECKPOINT_FILE)):
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run must be killed mid-way for this test to mean anything"
-    (run_dir,) = killed_root.iterdir()
+    run_dir = kill_after_checkpoint(script(module), flags, tmp_path / "killed")
     assert len(scores(run_dir)) < len(scores(reference_dir))
 
     module.main(module.Args(resume=str(run_dir)))

@@ -3,10 +3,6 @@ smoke run, resume after SIGKILL, bad input; and a learning check (slow)."""
 
 import dataclasses
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -17,9 +13,8 @@ import pytest
 import tyro
 
 from algorithms import iql
-from common import checkpoint
 from common.logger import CHECKPOINT_FILE, read_evaluations
-from tests.conftest import REPO, random_policy_return, run_script
+from tests.conftest import kill_after_checkpoint, random_policy_return, run_script, scalar_steps, scores
 
 OBS, ACT, B = 5, 2, 32
 TINY = ["--hidden-dims", "64", "64", "--batch-size", "64", "--eval-episodes", "2", "--log-every", "50", "--no-progress"]
@@ -177,19 +172,6 @@ def test_every_flag_has_a_docstring():
 # End to end
 
 
-def scores(run_dir):
-    """Evaluations without their wall-clock time."""
-    return [{k: v for k, v in record.items() if k != "wall_time"} for record in read_evaluations(run_dir)]
-
-
-def scalar_steps(run_dir, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    return [(event.step, round(event.value, 4)) for event in events.Scalars(tag)]
-
-
 def test_smoke_run_offline_then_online(tiny_pointmaze, tmp_path):
     start = time.time()
     result = run_script("iql.py", "--env", tiny_pointmaze, "--offline-steps", "200", "--online-steps", "200",
@@ -220,19 +202,8 @@ def test_resume_after_sigkill_in_the_online_phase_matches_uninterrupted_run(tiny
              "--eval-every", "150", *TINY]
     reference_dir = iql.main(tyro.cli(iql.Args, args=[*flags, "--log-dir", str(tmp_path / "full")]))
 
-    killed_root = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "algorithms/iql.py", *flags, "--log-dir", str(killed_root)],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        paths = list(killed_root.glob("*/" + CHECKPOINT_FILE))
-        if paths and checkpoint.load(str(paths[0]))["progress"]["online_step"] > 0:
-            break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run must be killed mid-way for this test to mean anything"
-    (run_dir,) = killed_root.iterdir()
+    run_dir = kill_after_checkpoint("iql.py", flags, tmp_path / "killed",
+                                    ready=lambda payload: payload["progress"]["online_step"] > 0)
     assert len(scores(run_dir)) < len(scores(reference_dir))
 
     iql.main(iql.Args(resume=str(run_dir)))

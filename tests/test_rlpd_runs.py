@@ -3,9 +3,6 @@
 import dataclasses
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -15,15 +12,11 @@ import tyro
 from algorithms import rlpd
 from common import datasets
 from common.logger import CHECKPOINT_FILE, read_evaluations
-from tests.conftest import REPO, TINY_RUN, run_script, teleport_ant_to_goal
+from tests.conftest import (TINY_RUN, field_docstrings, kill_after_checkpoint, run_script, scalar_steps,
+                            scores, teleport_ant_to_goal)
 
 TINY_ARGS = dict(utd=2, batch_size=64, hidden_dims=(64, 64), start_training=100, eval_every=100,
                  eval_episodes=2, progress=False)
-
-
-def scores(run_dir):
-    """Evaluations without their wall-clock time."""
-    return [{k: v for k, v in record.items() if k != "wall_time"} for record in read_evaluations(run_dir)]
 
 
 def test_smoke_run_writes_the_run_folder(tiny_pointmaze, tmp_path):
@@ -42,14 +35,6 @@ def test_smoke_run_writes_the_run_folder(tiny_pointmaze, tmp_path):
     assert {"return", "normalized_score", "success_rate", "wall_time", "phase"} <= set(records[-1])
     assert (run_dir / CHECKPOINT_FILE).is_file()
     assert "hyperparameter" in result.stdout  # the table printed at the start
-
-
-def scalar_steps(run_dir, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    return [(event.step, round(event.value, 4)) for event in events.Scalars(tag)]
 
 
 def test_tensorboard_scalars_readable(tiny_pointmaze, tmp_path):
@@ -88,16 +73,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_pointmaze, tmp_path
     flags = ["--env", tiny_pointmaze, "--checkpoint-every", "150", *TINY_RUN, *phase_flags]
     reference_dir = rlpd.main(tyro.cli(rlpd.Args, args=[*flags, "--log-dir", str(tmp_path / "full")]))
 
-    killed_root = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "algorithms/rlpd.py", *flags, "--log-dir", str(killed_root)],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(killed_root.glob("*/" + CHECKPOINT_FILE)):
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run must be killed mid-way for this test to mean anything"
-    (run_dir,) = killed_root.iterdir()
+    run_dir = kill_after_checkpoint("rlpd.py", flags, tmp_path / "killed")
     assert len(scores(run_dir)) < len(scores(reference_dir))
 
     rlpd.main(rlpd.Args(resume=str(run_dir)))
@@ -143,20 +119,6 @@ def test_unreadable_checkpoint_is_reported(tiny_pointmaze, tmp_path):
     os.remove(os.path.join(run_dir, CHECKPOINT_FILE))
     result = run_script("rlpd.py", "--resume", run_dir)
     assert result.returncode == 2 and "no checkpoint" in result.stderr
-
-
-def field_docstrings(cls) -> dict[str, str]:
-    """The docstring under each field of a dataclass, read from its source."""
-    import ast
-    import inspect
-    import textwrap
-
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    docs = {}
-    for node, following in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
-            docs[node.target.id] = following.value.value
-    return docs
 
 
 def test_help_documents_every_flag():

@@ -606,7 +606,8 @@ def load_offline_data(task: datasets.Task, dataset, action_space, args: Args) ->
 
 
 def trajectory_rows(trajectory: dict[str, list], args: Args, task: datasets.Task) -> dict[str, np.ndarray]:
-    """A finished online trajectory as buffer rows."""
+    """A finished online trajectory as buffer rows (`args` and `task` serve calql.py's version,
+    which adds the returns-to-go; the signature is shared to keep the two files diff-minimal)."""
     return {key: np.asarray(value, np.float32) for key, value in trajectory.items()}
 
 

@@ -23,6 +23,7 @@ def save(path: str, payload: dict[str, Any]) -> None:
     data = serialization.msgpack_serialize(payload)
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".msgpack")
     try:
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; use the user's umask
         with os.fdopen(handle, "wb") as file:
             file.write(data)
             file.flush()
@@ -32,6 +33,12 @@ def save(path: str, payload: dict[str, Any]) -> None:
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load(path: str) -> dict[str, Any]:

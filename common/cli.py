@@ -17,6 +17,14 @@ class UserError(Exception):
     """
 
 
+EXIT_STOPPED = 3  # a run stopped by SIGINT / SIGTERM after writing its checkpoint: resumable
+
+
+class RunStopped(Exception):
+    """A run stopped by a signal after its checkpoint; `run_cli` prints the message (the resume
+    command) and exits with EXIT_STOPPED, so schedulers and scripts can tell it from an error."""
+
+
 def run_cli(main: Callable[[ArgsT], object], args_type: type[ArgsT], description: str | None = None) -> None:
     """Parse `args_type` from the command line with tyro and run `main`, turning UserError into one message."""
     args = tyro.cli(args_type, description=description)
@@ -25,6 +33,9 @@ def run_cli(main: Callable[[ArgsT], object], args_type: type[ArgsT], description
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except RunStopped as stop:
+        print(stop, file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
 
 
 def check(condition: bool, message: str) -> None:

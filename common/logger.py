@@ -1,8 +1,10 @@
-"""Run folders: config.json, TensorBoard scalars, evaluations.jsonl, a progress bar.
+"""Run folders: config.json, TensorBoard scalars, evaluations.jsonl, a learning curve, a progress bar.
 
 `{log_dir}/{algorithm}__{env}__{seed}__{time}/` holds everything one run writes; benchmarks/
 reads only these files. TensorBoard event files are written by tensorboardX, which needs
-neither TensorFlow nor PyTorch.
+neither TensorFlow nor PyTorch. Each checkpoint (and each resume) closes the event file and
+opens a new one in the same folder; TensorBoard reads all of a folder's files as one stream.
+`learning_curve.png` is redrawn at every evaluation, for a first look without TensorBoard.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tqdm import tqdm
 CONFIG_FILE = "config.json"
 EVALUATIONS_FILE = "evaluations.jsonl"
 CHECKPOINT_FILE = os.path.join("checkpoints", "latest.msgpack")
+CURVE_FILE = "learning_curve.png"
 
 
 def new_run_dir(log_dir: str, algorithm: str, env: str, seed: int) -> str:
@@ -97,8 +100,19 @@ class RunLogger:
         self.start = time.time() - (0.0 if resumed is None else resumed.elapsed)
         self.steps = 0 if resumed is None else resumed.step
         self._rate_mark = (time.time(), self.steps)
-        self.bar = tqdm(total=total_steps, initial=self.steps, disable=not progress,
-                        dynamic_ncols=True, smoothing=0.05, unit="step")
+        self.total_steps, self.show_progress = total_steps, progress
+        self.offline_steps = int(config.get("offline_steps") or 0)
+        self.bar = self._new_bar()
+
+    def _new_bar(self, phase: str | None = None) -> tqdm:
+        return tqdm(total=self.total_steps, initial=self.steps, disable=not self.show_progress, desc=phase,
+                    dynamic_ncols=True, smoothing=0.1, unit="step")
+
+    def new_phase(self, phase: str) -> None:
+        """Start a fresh bar, so its rate and ETA reflect only this phase's speed (an offline
+        phase, random actions, training online all run at different speeds)."""
+        self.bar.close()
+        self.bar = self._new_bar(phase)
 
     def elapsed(self) -> float:
         return time.time() - self.start
@@ -139,6 +153,7 @@ class RunLogger:
             file.write(json.dumps(record) + "\n")
         self.scalars({f"eval/{name}": value for name, value in metrics.items()}, step)
         self.writer.flush()
+        plot_learning_curve(self.run_dir, self.offline_steps)
         shown = metrics.get("normalized_score", metrics["return"])
         label = "score" if "normalized_score" in metrics else "return"
         self.bar.set_postfix_str(f"{phase} eval {label} {shown:.1f}", refresh=False)
@@ -148,6 +163,63 @@ class RunLogger:
         self.steps += steps
         self.bar.update(steps)
 
+    def summary(self) -> str:
+        """One line: final and best score (or return), success rate, steps, wall time, folder."""
+        return summarize(read_evaluations(self.run_dir), self.steps, self.elapsed(), self.run_dir)
+
     def close(self) -> None:
         self.bar.close()
         self.writer.close()
+
+
+def headline_metric(record: Mapping[str, Any]) -> tuple[str, float]:
+    """The number a reader looks at first: normalized score where defined, else the return."""
+    if "normalized_score" in record:
+        return "normalized score", record["normalized_score"]
+    return "return", record["return"]
+
+
+def summarize(evaluations: list[dict], steps: int, elapsed: float, run_dir: str) -> str:
+    parts = []
+    if evaluations:
+        name, final = headline_metric(evaluations[-1])
+        best = max(headline_metric(record)[1] for record in evaluations)
+        parts.append(f"final {name} {final:.1f} (best {best:.1f})")
+        if "success_rate" in evaluations[-1]:
+            parts.append(f"success rate {evaluations[-1]['success_rate']:.2f}")
+    hours, rest = divmod(int(elapsed), 3600)
+    parts += [f"{steps} steps", f"{hours}:{rest // 60:02d}:{rest % 60:02d} wall time", f"run folder {run_dir}"]
+    return "Summary: " + ", ".join(parts)
+
+
+def plot_learning_curve(run_dir: str, offline_steps: int) -> None:
+    """learning_curve.png: the headline metric (and success rate) against steps, the end of the
+    offline phase marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    records = read_evaluations(run_dir)
+    if not records:
+        return
+    name = headline_metric(records[-1])[0]
+    figure, axis = plt.subplots(figsize=(6, 3.6), dpi=100)
+    axis.plot([r["step"] for r in records], [headline_metric(r)[1] for r in records], marker="o", ms=3)
+    axis.set_xlabel("step (offline updates, then environment steps)")
+    axis.set_ylabel(name)
+    if "success_rate" in records[-1] and name != "normalized score":
+        twin = axis.twinx()
+        twin.plot([r["step"] for r in records], [r.get("success_rate", 0.0) for r in records], color="tab:green",
+                  alpha=0.6, label="success rate")
+        twin.set_ylabel("success rate", color="tab:green")
+        twin.set_ylim(-0.05, 1.05)
+    if offline_steps > 0:
+        axis.axvline(offline_steps, color="gray", linestyle="--", label="offline | online")
+        axis.legend(loc="best", fontsize=8)
+    axis.set_title(os.path.basename(os.path.normpath(run_dir)), fontsize=8)
+    figure.tight_layout()
+    temporary = os.path.join(run_dir, ".tmp-" + CURVE_FILE)
+    figure.savefig(temporary, format="png")
+    plt.close(figure)
+    os.replace(temporary, os.path.join(run_dir, CURVE_FILE))

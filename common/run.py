@@ -1,0 +1,327 @@
+"""The run harness every training script shares, written once.
+
+  * flag checks as a table of `(flag, condition, requirement)` rows (`check_flags`);
+  * `--resume`: the saved Args of a run folder and its checkpoint, read and checked before any
+    work (`resolve_resume`); display-only flags (`--progress`) still apply on resume;
+  * the checkpoint payload: agent state dict, online buffer rows and cursor, counters, elapsed
+    time, plus a script's own extras (numpy RNG, pending action), saved and restored by one
+    function pair (`save_checkpoint`, `read_checkpoint` + `restore_checkpoint`);
+  * `Session`: what a training loop asks of its run besides the algorithm: evaluations, reset
+    seeds, when a checkpoint is due (every `--checkpoint-every` steps or `--checkpoint-minutes`
+    minutes, whichever comes first), SIGINT / SIGTERM (finish the step, checkpoint, print the
+    resume command, exit with `cli.EXIT_STOPPED`; a second Ctrl-C exits at once, and a resume
+    command is printed only when a checkpoint exists), and the closing summary line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any, Callable, Iterable
+
+import jax
+import numpy as np
+from flax import serialization
+
+from common import buffers, checkpoint
+from common.cli import RunStopped, UserError
+from common.logger import CHECKPOINT_FILE, CONFIG_FILE, RunLogger
+
+DISPLAY_FLAGS = ("progress",)  # flags that change only what is shown; they apply on resume too
+
+
+# --------------------------------------------------------------------------------------------
+# Flag checks
+
+
+Rule = tuple[str, Callable[[Any], bool], str]
+
+
+def at_least(bound: float) -> Callable[[Any], bool]:
+    return lambda value: value >= bound
+
+
+def positive(value) -> bool:
+    return value > 0
+
+
+def widths(value) -> bool:
+    return len(value) > 0 and min(value) > 0
+
+
+def fraction(value) -> bool:
+    return 0.0 <= value <= 1.0
+
+
+def open_unit(value) -> bool:
+    return 0.0 < value <= 1.0
+
+
+# Flags every script has; each script adds its own rows.
+RUN_RULES: list[Rule] = [
+    ("seed", at_least(0), "must be >= 0"),
+    ("offline_steps", at_least(0), "must be >= 0"),
+    ("online_steps", at_least(0), "must be >= 0"),
+    ("utd", at_least(1), "must be at least 1"),
+    ("batch_size", at_least(1), "must be at least 1"),
+    ("eval_every", at_least(1), "must be >= 1"),
+    ("eval_episodes", at_least(1), "must be >= 1"),
+    ("log_every", at_least(1), "must be >= 1"),
+    ("checkpoint_every", at_least(1), "must be >= 1"),
+    ("checkpoint_minutes", positive, "must be positive"),
+    ("discount", open_unit, "must lie in (0, 1]"),
+    ("tau", open_unit, "must lie in (0, 1]"),
+]
+
+
+def check_flags(args, rules: Iterable[Rule]) -> None:
+    """Raise one UserError for the first flag that breaks its rule. Unset flags (None: the
+    domain preset fills them later) pass; the check runs again after the preset."""
+    for flag, condition, requirement in rules:
+        value = getattr(args, flag)
+        if value is not None and not condition(value):
+            raise UserError(f"--{flag.replace('_', '-')} {requirement}, got {value}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Run folders and --resume
+
+
+def check_log_dir(log_dir: str) -> None:
+    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise UserError(f"--log-dir {log_dir} is a file, not a folder.")
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create --log-dir {log_dir}: {error.strerror}.") from None
+    if not os.access(log_dir, os.W_OK):
+        raise UserError(f"cannot write to --log-dir {log_dir}.")
+
+
+def read_run_config(run_dir: str, args_type: type, algorithm: str) -> tuple[Any, dict[str, Any]]:
+    """The Args a run folder was started with, and its whole config.json."""
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{run_dir}: no {CONFIG_FILE} there; is it a run folder of {algorithm}.py?")
+    try:
+        with open(path) as file:
+            saved = json.load(file)
+        fields = {field.name for field in dataclasses.fields(args_type)}
+        # JSON turns tuples (layer widths) into lists
+        args = args_type(**{key: tuple(value) if isinstance(value, list) else value
+                            for key, value in saved.items() if key in fields})
+    except (json.JSONDecodeError, TypeError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None
+    if saved.get("algorithm") != algorithm:
+        raise UserError(f"{run_dir} is a run of {saved.get('algorithm')!r}, not {algorithm}.")
+    return args, saved
+
+
+def resolve_resume(args, algorithm: str, extra_keys: tuple[str, ...] = ()):
+    """(Args to run with, run folder to resume or None, its checkpoint or None).
+
+    A resumed run takes its saved Args, except for the display-only flags given now; a missing
+    or unreadable checkpoint is reported here, before any work.
+    """
+    if args.resume is None:
+        return args, None, None
+    run_dir = args.resume
+    saved_args, _ = read_run_config(run_dir, type(args), algorithm)
+    defaults = type(args)()
+    ignored = [f"--{field.name.replace('_', '-')}" for field in dataclasses.fields(args)
+               if field.name not in ("resume", *DISPLAY_FLAGS)
+               and getattr(args, field.name) != getattr(defaults, field.name)]
+    if ignored:
+        print(f"note: --resume continues the run with its saved configuration; ignored: {', '.join(ignored)}.")
+    display = {flag: getattr(args, flag) for flag in DISPLAY_FLAGS if hasattr(args, flag)}
+    return dataclasses.replace(saved_args, **display), run_dir, read_checkpoint(run_dir, extra_keys)
+
+
+def resume_command(algorithm: str, run_dir: str) -> str:
+    return f"python algorithms/{algorithm}.py --resume {run_dir}"
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+@dataclasses.dataclass
+class Progress:
+    """Counters a checkpoint must carry besides networks and buffers."""
+
+    offline_step: int = 0
+    online_step: int = 0
+    episode: int = 0
+    evaluations: int = 0
+    next_checkpoint: int = 0
+    pending_updates: int = 0  # updates owed to rows already in the buffer (a stop mid-trajectory)
+    finished: bool = False
+
+
+CHECKPOINT_KEYS = ("agent", "online_rows", "online_cursor", "progress", "elapsed")
+
+
+def save_checkpoint(run_dir: str, agent, online: buffers.Buffer, progress: Progress, elapsed: float,
+                    **extras) -> None:
+    """Write the whole training state atomically; `extras` are a script's own entries."""
+    payload = {
+        "agent": serialization.to_state_dict(jax.device_get(agent)),
+        "online_rows": buffers.filled_rows(online),
+        "online_cursor": int(online.cursor),
+        "progress": dataclasses.asdict(progress),
+        "elapsed": elapsed,
+        **extras,
+    }
+    checkpoint.save(os.path.join(run_dir, CHECKPOINT_FILE), payload)
+
+
+def read_checkpoint(run_dir: str, extra_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A run's checkpoint, checked for completeness before anything is built."""
+    payload = checkpoint.load(os.path.join(run_dir, CHECKPOINT_FILE))
+    missing = [key for key in (*CHECKPOINT_KEYS, *extra_keys) if key not in payload]
+    if missing:
+        raise UserError(f"cannot read checkpoint in {run_dir}: it lacks {', '.join(missing)}.")
+    return payload
+
+
+def restore_checkpoint(payload: dict[str, Any], run_dir: str, agent, online: buffers.Buffer):
+    """(agent, online buffer, Progress, elapsed) from a payload read by `read_checkpoint`."""
+    try:
+        agent = serialization.from_state_dict(agent, payload["agent"])
+        online = buffers.restore_rows(online, payload["online_rows"], payload["online_cursor"])
+        fields = {field.name for field in dataclasses.fields(Progress)}
+        progress = Progress(**{key: value for key, value in payload["progress"].items() if key in fields})
+        return agent, online, progress, payload["elapsed"]
+    except (KeyError, ValueError, TypeError) as error:
+        raise UserError(f"checkpoint in {run_dir} does not match this run's configuration: {error}") from None
+
+
+def load_agent_state(run_dir: str, agent):
+    """`agent` with the parameters of a run's last checkpoint (for load_policy / load_agent)."""
+    return serialization.from_state_dict(agent, read_checkpoint(run_dir)["agent"])
+
+
+def rng_state(rng: np.random.Generator) -> str:
+    return json.dumps(rng.bit_generator.state)
+
+
+def rng_from_state(state: str) -> np.random.Generator:
+    rng = np.random.default_rng()
+    rng.bit_generator.state = json.loads(state)
+    return rng
+
+
+def optional_array(value) -> np.ndarray:
+    """A pending action for a checkpoint (an empty array stands for None)."""
+    return np.zeros(0, np.float32) if value is None else np.asarray(value)
+
+
+def array_or_none(value: np.ndarray) -> np.ndarray | None:
+    return None if value.size == 0 else value
+
+
+# --------------------------------------------------------------------------------------------
+# Stops
+
+
+class Stopped(Exception):
+    """Raised after the checkpoint that a SIGINT / SIGTERM asked for has been written."""
+
+
+class StopSignals:
+    """SIGINT and SIGTERM (what schedulers send before a kill) set `received` instead of killing
+    the run; the loop checkpoints at its next safe point. A second SIGINT stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def _handle(self, number, frame):
+        if self.received is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(number).name
+        print(f"\n{self.received} received: finishing this step, then writing a checkpoint "
+              f"(press Ctrl-C again to stop at once, losing what came after the last checkpoint).", flush=True)
+
+    def __enter__(self):
+        for number in self.SIGNALS:
+            self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
+def episode_seed(seed: int, kind: int, index: int) -> int:
+    """Reset seed of training episode (kind 0) or evaluation round (kind 1) number `index`."""
+    return int(np.random.SeedSequence([seed, kind, index]).generate_state(1)[0])
+
+
+class Session:
+    """One run's folder, counters, logger, evaluator and stop handling, as its loop uses them."""
+
+    def __init__(self, algorithm: str, args, run_dir: str, progress: Progress, logger: RunLogger, evaluator):
+        self.algorithm, self.args, self.run_dir = algorithm, args, run_dir
+        self.progress, self.logger, self.evaluator = progress, logger, evaluator
+        self.stops = StopSignals()
+        self._last_save = time.monotonic()
+
+    def evaluate(self, policy: Callable[[np.ndarray], np.ndarray], phase: str, step: int) -> None:
+        seed = episode_seed(self.args.seed, 1, self.progress.evaluations)
+        metrics = self.evaluator(policy, seed)
+        self.progress.evaluations += 1
+        self.logger.evaluation(step, phase, metrics)
+
+    def reset_seed(self) -> int:
+        return episode_seed(self.args.seed, 0, self.progress.episode)
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.stops.received is not None
+
+    def checkpoint_due(self, step: int) -> bool:
+        """Every --checkpoint-every steps, every --checkpoint-minutes, or when a stop was asked for."""
+        minutes = (time.monotonic() - self._last_save) / 60.0
+        return step >= self.progress.next_checkpoint or minutes >= self.args.checkpoint_minutes or self.stop_requested
+
+    def save(self, step: int, agent, online: buffers.Buffer, **extras) -> None:
+        """Checkpoint at `step`; raises Stopped afterwards when a stop was asked for."""
+        every = self.args.checkpoint_every
+        self.progress.next_checkpoint = (step // every + 1) * every
+        self.logger.sync()
+        save_checkpoint(self.run_dir, agent, online, self.progress, self.logger.elapsed(), **extras)
+        self._last_save = time.monotonic()
+        if self.stop_requested:
+            raise Stopped
+
+    def run(self, phases: Callable[[], None], save_final: Callable[[], None]) -> None:
+        """Run the loop with stop handling, write the final checkpoint and print the summary.
+        A signal ends in RunStopped (the CLI exits with EXIT_STOPPED) after its checkpoint."""
+        with self.stops:
+            try:
+                phases()
+            except Stopped:
+                self._close()
+                raise RunStopped(f"stopped by {self.stops.received}; checkpoint written. Continue with:\n  "
+                                 f"{resume_command(self.algorithm, self.run_dir)}") from None
+            except KeyboardInterrupt:
+                self._close()
+                if os.path.isfile(os.path.join(self.run_dir, CHECKPOINT_FILE)):
+                    raise UserError("interrupted at once: what came after the last checkpoint is lost. Continue "
+                                    f"with:\n  {resume_command(self.algorithm, self.run_dir)}") from None
+                raise UserError("interrupted at once, before the first checkpoint: nothing to resume; "
+                                f"start the run again (its folder {self.run_dir} can be deleted).") from None
+            self.progress.finished = True
+            save_final()
+        self._close()
+
+    def _close(self) -> None:
+        self.logger.close()
+        self.evaluator.close()
+        print(self.logger.summary(), flush=True)

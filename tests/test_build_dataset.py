@@ -13,6 +13,7 @@ import pytest
 from minari.storage import get_dataset_path
 
 from benchmarks import build_dataset as bd
+from common import builders
 
 
 @pytest.fixture(autouse=True)
@@ -127,11 +128,11 @@ def test_checkpoint_policy_actions_are_rescaled_and_ref_scores_stored(monkeypatc
 
 def test_build_dispatches_buildable_ids_and_rejects_others(monkeypatch, minari_root):
     calls = []
-    monkeypatch.setattr(bd, "build_pointmaze", lambda *a, **k: calls.append((a, k)))
-    monkeypatch.setattr(bd, "build_from_policy", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(builders, "build_pointmaze", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(builders, "build_from_policy", lambda *a, **k: calls.append((a, k)))
     bd.build("local/pointmaze/medium-dense-v0")
     bd.build("local/halfcheetah/random-v0")
-    assert calls[0][0] == ("medium", True) and calls[1][0] == ("HalfCheetah-v5", "random")
+    assert calls[0][0] == ("medium", True) and calls[1][0] == ("HalfCheetah-v5", None)
     assert calls[1][1]["dataset_id"] == "local/halfcheetah/random-v0"
     assert bd.is_buildable("local/pointmaze/umaze-dense-v0")
     assert bd.is_buildable("local/hopper/random-v0")
@@ -185,6 +186,17 @@ def test_cli_builds_and_reports(capsys):
     out = capsys.readouterr().out
     assert "Wrote local/pointmaze/open-dense-v0" in out and "ref_max_score" in out
     assert minari.load_dataset("local/pointmaze/open-dense-v0").total_steps == 400
+
+
+def test_policy_of_another_env_is_refused_before_loading(monkeypatch, tmp_path):
+    run_dir = fake_algorithm(monkeypatch, tmp_path, policy=None)
+    config_path = os.path.join(run_dir, "config.json")
+    with open(config_path, "w") as file:  # what a PointMaze run writes
+        json.dump({"algorithm": "fake_algo_for_tests", "env": "pointmaze-umaze", "observation_dim": 6,
+                   "action_dim": 2}, file)
+    with pytest.raises(SystemExit, match="observations of size 6, but InvertedPendulum-v5 has observations of "
+                                         "size 4: pass a run of InvertedPendulum-v5"):
+        bd.cli(["policy", "--env", "InvertedPendulum-v5", "--policy", run_dir])
 
 
 def test_import_has_no_side_effects():

@@ -28,7 +28,8 @@ from flax import serialization
 
 from common import buffers, checkpoint
 from common.cli import RunStopped, UserError
-from common.logger import CHECKPOINT_FILE, CONFIG_FILE, RunLogger
+from common.evaluation import Evaluator
+from common.logger import CHECKPOINT_FILE, CONFIG_FILE, Resumed, RunLogger, new_run_dir
 
 DISPLAY_FLAGS = ("progress",)  # flags that change only what is shown; they apply on resume too
 
@@ -138,6 +139,13 @@ def resolve_resume(args, algorithm: str, extra_keys: tuple[str, ...] = ()):
         print(f"note: --resume continues the run with its saved configuration; ignored: {', '.join(ignored)}.")
     display = {flag: getattr(args, flag) for flag in DISPLAY_FLAGS if hasattr(args, flag)}
     return dataclasses.replace(saved_args, **display), run_dir, read_checkpoint(run_dir, extra_keys)
+
+
+def create_run_dir(args, algorithm: str) -> str:
+    """A fresh run folder, its path printed at once (before anything is compiled)."""
+    run_dir = new_run_dir(args.log_dir, algorithm, args.env, args.seed)
+    print(f"Run folder: {run_dir}", flush=True)
+    return run_dir
 
 
 def resume_command(algorithm: str, run_dir: str) -> str:
@@ -297,8 +305,12 @@ class Session:
         self.logger.sync()
         save_checkpoint(self.run_dir, agent, online, self.progress, self.logger.elapsed(), **extras)
         self._last_save = time.monotonic()
-        if self.stop_requested:
+        if self.stop_requested and not self.progress.finished:
             raise Stopped
+
+    def log_training(self, info: dict[str, Any], step: int) -> None:
+        self.logger.scalars({**{f"train/{name}": value for name, value in info.items()},
+                             "time/sps": self.logger.steps_per_second()}, step)
 
     def run(self, phases: Callable[[], None], save_final: Callable[[], None]) -> None:
         """Run the loop with stop handling, write the final checkpoint and print the summary.
@@ -306,6 +318,8 @@ class Session:
         with self.stops:
             try:
                 phases()
+                self.progress.finished = True
+                save_final()
             except Stopped:
                 self._close()
                 raise RunStopped(f"stopped by {self.stops.received}; checkpoint written. Continue with:\n  "
@@ -317,11 +331,23 @@ class Session:
                                     f"with:\n  {resume_command(self.algorithm, self.run_dir)}") from None
                 raise UserError("interrupted at once, before the first checkpoint: nothing to resume; "
                                 f"start the run again (its folder {self.run_dir} can be deleted).") from None
-            self.progress.finished = True
-            save_final()
         self._close()
 
     def _close(self) -> None:
         self.logger.close()
         self.evaluator.close()
         print(self.logger.summary(), flush=True)
+
+
+def open_session(algorithm: str, args, task, run_dir: str, progress: Progress, elapsed: float | None,
+                 dims: tuple[int, int], make_env: Callable, scoring, **extra_config) -> Session:
+    """The logger (config.json and the hyperparameter table for a new run, trimmed logs for a
+    resumed one), the evaluation envs and the Session. `elapsed` is None for a new run."""
+    resumed = None
+    if elapsed is not None:
+        resumed = Resumed(progress.offline_step + progress.online_step, progress.evaluations, elapsed)
+        print(f"Resuming {run_dir} at step {resumed.step}.")
+    record = {"algorithm": algorithm, **dataclasses.asdict(args), "domain": task.domain,
+              "dataset_id": task.dataset_id, "observation_dim": dims[0], "action_dim": dims[1], **extra_config}
+    logger = RunLogger(run_dir, record, args.offline_steps + args.online_steps, resumed, args.progress)
+    return Session(algorithm, args, run_dir, progress, logger, Evaluator(make_env, args.eval_episodes, scoring))

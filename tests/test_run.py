@@ -174,8 +174,8 @@ def test_summary_line_and_learning_curve(tmp_path):
     with open(os.path.join(run_dir, logger.EVALUATIONS_FILE), "w") as file:
         file.writelines(json.dumps(record) + "\n" for record in records)
     line = logger.summarize(logger.read_evaluations(run_dir), 100, 3725.0, run_dir)
-    assert line == (f"Summary: final normalized score 30.0 (best 40.0), success rate 0.40, 100 steps, "
-                    f"1:02:05 wall time, run folder {run_dir}")
+    assert line == (f"Summary: final success rate 0.40 (best 0.60), final normalized score 30.0 (best 40.0), "
+                    f"100 steps, 1:02:05 wall time, run folder {run_dir}")
     logger.plot_learning_curve(run_dir, offline_steps=50)
     with open(os.path.join(run_dir, logger.CURVE_FILE), "rb") as file:
         assert file.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -605,7 +605,7 @@ def validate(args: Args) -> None:
 def load_offline_data(task: datasets.Task, dataset, action_space, args: Args) -> dict[str, np.ndarray]:
     """The dataset as training rows: rewards transformed, masks = 1 - terminated, and each
     transition's return-to-go."""
-    transitions = datasets.episodes_to_transitions(dataset.iterate_episodes(), task.domain)
+    transitions = datasets.dataset_transitions(dataset, task.domain)
     rewards = transform_rewards(transitions["rewards"], args).astype(np.float32)
     ends = datasets.trajectory_ends(transitions["terminated"], transitions["episode_ends"],
                                     transitions["observations"], transitions["next_observations"])

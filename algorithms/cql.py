@@ -595,7 +595,7 @@ def validate(args: Args) -> None:
 
 def load_offline_data(task: datasets.Task, dataset, action_space, args: Args) -> dict[str, np.ndarray]:
     """The dataset as training rows: rewards transformed, masks = 1 - terminated."""
-    transitions = datasets.episodes_to_transitions(dataset.iterate_episodes(), task.domain)
+    transitions = datasets.dataset_transitions(dataset, task.domain)
     return {
         "observations": transitions["observations"],
         "actions": datasets.clip_actions(transitions["actions"], action_space),

@@ -490,7 +490,7 @@ def validate(args: Args) -> None:
 
 def load_transitions(task: datasets.Task, dataset) -> dict[str, np.ndarray]:
     """The dataset's flat transitions, before any reward transform."""
-    return datasets.episodes_to_transitions(dataset.iterate_episodes(), task.domain)
+    return datasets.dataset_transitions(dataset, task.domain)
 
 
 def offline_rows(transitions: dict[str, np.ndarray], action_space, args: Args) -> dict[str, np.ndarray]:

@@ -437,7 +437,7 @@ def needs_offline_data(args: Args) -> bool:
 
 def load_offline_data(task: datasets.Task, dataset, action_space) -> dict[str, np.ndarray]:
     """The dataset as RLPD's training rows: rewards transformed, masks = 1 - terminated."""
-    transitions = datasets.episodes_to_transitions(dataset.iterate_episodes(), task.domain)
+    transitions = datasets.dataset_transitions(dataset, task.domain)
     return {
         "observations": transitions["observations"],
         "actions": datasets.clip_actions(transitions["actions"], action_space),

@@ -18,17 +18,33 @@ was looked for and the command that fetches it.
 Observations: dict observations are flattened by `flatten_observation` in the order of
 `OBSERVATION_KEYS[domain]` (nested dicts, e.g. Kitchen's goals, in sorted key order):
   * antmaze: achieved_goal (x, y) then observation -> D4RL's 29-dim AntMaze observation
-    (the goal is fixed per maze, as in D4RL, so it is not appended);
+    (the goal cell is fixed per maze, as in D4RL, so the goal is not appended);
   * pointmaze: observation then desired_goal (the goal is re-drawn during data collection, so
     the policy must see it; achieved_goal repeats observation[:2] and is left out);
   * kitchen: observation only (robot and object state; the task set is fixed per dataset);
   * anything else: every key in sorted order.
 
-AntMaze (`relabel_antmaze`): Minari's AntMaze data is a continuing task whose reward is 1 on
-every step within 0.45 of the goal. Each episode is cut at its first goal-reaching step, which
-becomes a terminal with reward 1 (rewards before it are 0); failed episodes are kept whole.
-Online and evaluation AntMaze envs are made with `continuing_task=False`, so they terminate at
-success, and AntMaze is scored by success (`Scoring.by_success`), D4RL's normalized score.
+AntMaze labels, as D4RL made them (scripts/generation/relabel_antmaze_rewards.py): D4RL's data
+was collected by a waypoint controller commanded to changing goals, then EVERY transition was
+relabelled against the maze's evaluation goal: reward = terminal = 1 exactly when the NEXT xy
+position is within 0.5 of it, else 0. Minari's D4RL/antmaze sets were collected the same way,
+but their stored rewards are 1 within 0.45 of each episode's OWN commanded goal (`desired_goal`,
+usually elsewhere in the maze; the 29-dim observation holds no goal), so they are ignored:
+`dataset_transitions` (via `antmaze_goal` and `relabel_antmaze`) recomputes
+reward = terminal = [||next achieved_goal - g|| <= 0.5] on every transition, nothing is cut or
+dropped, a trajectory may hold several terminals, and time limits stay truncations. The
+labelling goal g is the centre of the `g` cell of the dataset's EVALUATION-env maze map (Minari's
+`eval_env_spec`), converted by that maze's own `cell_rowcol_to_xy`. D4RL labelled against one
+random draw of its noisy goal (the goal cell's centre plus an offset of 0 to 1.5 in each of x and
+y, U(0, 1) + U(0, 0.5): locomotion/maze_env.py `goal_sampler`); no such draw belongs to Minari's
+data, and the cell centre is the neutral choice.
+
+AntMaze evaluation, as D4RL v2's eval env (ant.py `v2_resets`, goal_reaching_env.py eval=True):
+the env keeps Gymnasium-Robotics' own goal draw at every reset (uniform +-1.0 around the goal
+cell's centre: position_noise_range 0.25 x maze_size_scaling 4), made as a continuing task that
+keeps its goal, and `AntMazeSuccess` judges success at 0.5 (Gymnasium-Robotics' own rule is 0.45):
+reward 1 and the episode ends at success, reward 0 otherwise. Online training episodes use the
+same env. AntMaze is scored by success (`Scoring.by_success`), D4RL's normalized score.
 """
 
 from __future__ import annotations
@@ -245,29 +261,57 @@ def _flatten_nested(value: Any) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
-def relabel_antmaze(rewards: np.ndarray, terminations: np.ndarray, truncations: np.ndarray):
-    """D4RL semantics for one Minari AntMaze episode: (length, rewards, terminations, truncations).
-
-    The episode ends at its first step with reward > 0, which becomes a terminal with reward 1.
-    """
-    successes = np.flatnonzero(rewards > 0)
-    if len(successes) == 0:
-        return len(rewards), np.zeros_like(rewards), terminations, truncations
-    length = successes[0] + 1
-    new_rewards = np.zeros(length, dtype=rewards.dtype)
-    new_rewards[-1] = 1.0
-    new_terminations = np.zeros(length, dtype=bool)
-    new_terminations[-1] = True
-    return length, new_rewards, new_terminations, np.zeros(length, dtype=bool)
+ANTMAZE_GOAL_RADIUS = 0.5  # D4RL's AntMaze success distance, for labels and evaluation alike
 
 
-def episodes_to_transitions(episodes, domain: str) -> dict[str, np.ndarray]:
+def antmaze_goal(dataset) -> np.ndarray:
+    """The AntMaze labelling goal: the centre of the `g` cell of the dataset's evaluation-env maze
+    map, converted by that maze's own `cell_rowcol_to_xy` (see the module docstring)."""
+    register_robotics_envs()
+    env = dataset.recover_environment(eval_env=True)
+    try:
+        maze = getattr(env.unwrapped, "maze", None)
+        if maze is None:
+            raise UserError(f"dataset {dataset.spec.dataset_id!r}: its evaluation env has no maze, so the "
+                            "AntMaze labelling goal cannot be read from it.")
+        cells = [(row, col) for row, line in enumerate(maze.maze_map) for col, cell in enumerate(line)
+                 if cell == "g"]
+        if len(cells) != 1:
+            raise UserError(f"dataset {dataset.spec.dataset_id!r}: the maze map of its evaluation env has "
+                            f"{len(cells)} goal cells ('g'), so there is no single AntMaze labelling goal; "
+                            "it needs exactly one, as the D4RL/antmaze evaluation maps have.")
+        return np.asarray(maze.cell_rowcol_to_xy(np.array(cells[0])), dtype=np.float64)
+    finally:
+        env.close()
+
+
+def relabel_antmaze(next_achieved_goals: np.ndarray, goal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """D4RL's AntMaze labels for one episode: (rewards, terminated), both 1 exactly where the NEXT
+    xy position (`achieved_goal` after the step) is within `ANTMAZE_GOAL_RADIUS` of `goal`."""
+    distance = np.linalg.norm(np.asarray(next_achieved_goals, np.float64) - np.asarray(goal, np.float64), axis=-1)
+    reached = distance <= ANTMAZE_GOAL_RADIUS
+    return reached.astype(np.float32), reached
+
+
+def dataset_transitions(dataset, domain: str) -> dict[str, np.ndarray]:
+    """Flat transitions of a Minari dataset (`episodes_to_transitions`); AntMaze episodes are
+    relabelled against the dataset's own labelling goal (`antmaze_goal`)."""
+    goal = antmaze_goal(dataset) if domain == "antmaze" else None
+    return episodes_to_transitions(dataset.iterate_episodes(), domain, goal)
+
+
+def episodes_to_transitions(episodes, domain: str, goal: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Flat transitions from Minari episodes.
 
     Keys: observations, actions, rewards, next_observations, terminated, truncated (bool),
-    episode_ends (bool: the last kept step of each episode; also true where an episode stops
-    without terminating or truncating, e.g. a cut recording).
+    episode_ends (bool: the last step of each episode; also true where an episode stops without
+    terminating or truncating, e.g. a cut recording). Every step of every episode is kept.
+    AntMaze (`domain == "antmaze"`) needs `goal`, the labelling goal (`antmaze_goal`): its rewards
+    and terminals are `relabel_antmaze`'s, Minari's own reward column is ignored.
     """
+    if domain == "antmaze" and goal is None:
+        raise ValueError("AntMaze transitions are relabelled against the dataset's goal: call "
+                         "dataset_transitions(dataset, domain), or pass goal=antmaze_goal(dataset).")
     columns: dict[str, list[np.ndarray]] = {key: [] for key in (
         "observations", "actions", "rewards", "next_observations", "terminated", "truncated", "episode_ends")}
     for episode in episodes:
@@ -275,10 +319,10 @@ def episodes_to_transitions(episodes, domain: str) -> dict[str, np.ndarray]:
         terminations = np.asarray(episode.terminations, dtype=bool)
         truncations = np.asarray(episode.truncations, dtype=bool)
         length = len(rewards)
-        if domain == "antmaze":
-            length, rewards, terminations, truncations = relabel_antmaze(rewards, terminations, truncations)
         if length == 0:
             continue
+        if domain == "antmaze":
+            rewards, terminations = relabel_antmaze(np.asarray(episode.observations["achieved_goal"])[1:], goal)
         observations = flatten_observation(episode.observations, domain)
         ends = np.zeros(length, dtype=bool)
         ends[-1] = True
@@ -374,9 +418,12 @@ def env_factory(task: Task, dataset=None):
     """A function that makes one fresh, flat-observation, [-1, 1]-action env for `task`.
 
     Datasets supply their evaluation env (Minari's `eval_env`, else the collection env); it is
-    used for online training too, since it defines the task being scored.
+    used for online training too, since it defines the task being scored. AntMaze envs are made
+    as continuing tasks that keep their goal (so Gymnasium-Robotics neither ends the episode nor
+    moves the goal at its own 0.45) and wrapped in `AntMazeSuccess`, which judges at 0.5.
     """
-    overrides = {"continuing_task": False} if task.domain == "antmaze" else {}
+    antmaze = task.domain == "antmaze"
+    overrides = {"continuing_task": True, "reset_target": False} if antmaze else {}
 
     def make():
         register_robotics_envs()
@@ -384,9 +431,34 @@ def env_factory(task: Task, dataset=None):
             env = dataset.recover_environment(eval_env=True, **overrides)
         else:
             env = gym.make(task.env_id, **overrides)
-        return FlatEnv(env, task.domain)
+        return FlatEnv(AntMazeSuccess(env) if antmaze else env, task.domain)
 
     return make
+
+
+class AntMazeSuccess(gym.Wrapper):
+    """D4RL's AntMaze evaluation rule on a Gymnasium-Robotics AntMaze (dict observations).
+
+    Success is `||achieved_goal - desired_goal|| <= ANTMAZE_GOAL_RADIUS` (0.5, D4RL's
+    goal_reaching_env.py with eval=True; Gymnasium-Robotics uses 0.45): it sets info["success"],
+    the reward (1.0 at success, else 0.0, as the relabelled data) and ends the episode. The goal is
+    the env's own, drawn at every reset near the goal cell. Time limits stay truncations.
+    """
+
+    def _success(self, observation) -> bool:
+        distance = np.linalg.norm(np.asarray(observation["achieved_goal"]) - np.asarray(observation["desired_goal"]))
+        return bool(distance <= ANTMAZE_GOAL_RADIUS)
+
+    def reset(self, **kwargs):
+        observation, info = self.env.reset(**kwargs)
+        info["success"] = self._success(observation)
+        return observation, info
+
+    def step(self, action):
+        observation, _, terminated, truncated, info = self.env.step(action)
+        success = self._success(observation)
+        info["success"] = success
+        return observation, float(success), bool(terminated or success), truncated, info
 
 
 def register_robotics_envs() -> None:

@@ -63,18 +63,14 @@ def test_termination_and_truncation_kept_apart():
     np.testing.assert_array_equal(data["next_observations"][:, 0], [1, 2, 3, 1, 2])
 
 
-def test_antmaze_relabelling_cuts_at_first_success():
-    rewards = [0, 0, 1, 1, 0, 1]  # Minari AntMaze: reward 1 on every step near the goal
-    data = datasets.episodes_to_transitions([episode(rewards, truncations=[0, 0, 0, 0, 0, 1])], "antmaze")
-    np.testing.assert_array_equal(data["rewards"], [0, 0, 1])
-    np.testing.assert_array_equal(data["terminated"], [0, 0, 1])
-    np.testing.assert_array_equal(data["truncated"], [0, 0, 0])
-
-
-def test_antmaze_failed_episode_kept_whole():
-    data = datasets.episodes_to_transitions([episode([0, 0, 0], truncations=[0, 0, 1])], "antmaze")
-    np.testing.assert_array_equal(data["terminated"], [0, 0, 0])
-    np.testing.assert_array_equal(data["truncated"], [0, 0, 1])
+def test_relabel_antmaze_marks_every_next_position_within_half_a_unit():
+    """The pure rule; tests/test_antmaze.py checks it on a real Minari-format dataset."""
+    goal = np.array([2.0, -1.0])
+    offsets = np.array([[0.0, 0.0], [0.3, 0.4], [0.46, 0.0], [0.0, -0.5001], [3.0, 3.0], [0.0, 0.2]])
+    rewards, terminated = datasets.relabel_antmaze(goal + offsets, goal)
+    np.testing.assert_array_equal(terminated, [1, 1, 1, 0, 0, 1])  # several terminals, nothing cut
+    np.testing.assert_array_equal(rewards, terminated.astype(np.float32))
+    assert rewards.dtype == np.float32 and terminated.dtype == bool
 
 
 def test_other_domains_not_relabelled():

@@ -12,8 +12,7 @@ import tyro
 from algorithms import rlpd
 from common import datasets
 from common.logger import CHECKPOINT_FILE, read_evaluations
-from tests.conftest import (TINY_RUN, field_docstrings, kill_after_checkpoint, run_script, scalar_steps,
-                            scores, teleport_ant_to_goal)
+from tests.conftest import TINY_RUN, field_docstrings, kill_after_checkpoint, run_script, scalar_steps, scores
 
 TINY_ARGS = dict(utd=2, batch_size=64, hidden_dims=(64, 64), start_training=100, eval_every=100,
                  eval_episodes=2, progress=False)
@@ -157,30 +156,42 @@ def test_rlpd_learns_inverted_pendulum_online(tmp_path):
 
 def test_antmaze_pipeline_end_to_end(minari_session_root, tmp_path):
     """A small real AntMaze dataset (random actions, recorded by Minari's DataCollector as the
-    Minari AntMaze sets are: continuing task, dict observations) runs through relabelling, the
-    D4RL 29-dim observation, the success-terminating env and success-based scoring."""
+    Minari AntMaze sets are: continuing task keeping its goal, dict observations, an eval env spec
+    with a D4RL goal cell) runs through D4RL's relabelling, the 29-dim observation, the
+    0.5-success env and success-based scoring."""
+    import copy
+
     import gymnasium as gym
     import gymnasium_robotics
     import minari
 
     gym.register_envs(gymnasium_robotics)
-    env = minari.DataCollector(gym.make("AntMaze_UMaze-v4", continuing_task=True, max_episode_steps=200))
+    collection = gym.make("AntMaze_UMaze-v4", continuing_task=True, reset_target=False, max_episode_steps=200)
+    env = minari.DataCollector(collection)
     env.reset(seed=0)
     env.action_space.seed(0)
+    eval_goal = env.unwrapped.maze.cell_rowcol_to_xy(np.array([3, 1]))  # the eval map's `g` cell below
     for step in range(600):
-        if step == 50:  # the first episode reaches the goal and stays near it for a while
-            teleport_ant_to_goal(env)
+        if step in (50, 450):  # the ant is put on the evaluation goal twice (a state change)
+            ant = env.unwrapped.ant_env
+            qpos = ant.data.qpos.copy()
+            qpos[:2] = eval_goal
+            ant.set_state(qpos, ant.data.qvel)
         _, _, terminated, truncated, _ = env.step(env.action_space.sample())
         if terminated or truncated:
             env.reset()
-    dataset = env.create_dataset("local/antmaze/random-tiny-v0", eval_env=gym.make("AntMaze_UMaze-v4").spec,
+    eval_spec = copy.deepcopy(collection.spec)
+    eval_spec.kwargs["maze_map"] = [[1, 1, 1, 1, 1], [1, "r", 0, 0, 1], [1, 1, 1, 0, 1], [1, "g", 0, 0, 1],
+                                    [1, 1, 1, 1, 1]]
+    dataset = env.create_dataset("local/antmaze/random-tiny-v0", eval_env=eval_spec,
                                  algorithm_name="random", ref_min_score=0.0, ref_max_score=1.0)
-    first = next(iter(dataset.iterate_episodes()))
-    assert first.rewards.sum() > 1  # Minari AntMaze style: reward 1 on every step near the goal
     data = rlpd.load_offline_data(datasets.resolve(dataset.spec.dataset_id), dataset, dataset.action_space)
-    assert (data["masks"] == 0).sum() == 1  # one terminal: the first goal-reaching step
-    assert len(data["rewards"]) < 600  # the rest of that episode is dropped
-    assert set(np.unique(data["rewards"])) == {-1.0, 0.0}  # r - 1
+    next_xy = np.concatenate([e.observations["achieved_goal"][1:] for e in dataset.iterate_episodes()])
+    reached = np.linalg.norm(next_xy - eval_goal, axis=1) <= 0.5  # D4RL's label of every step
+    assert reached.sum() >= 2
+    np.testing.assert_array_equal(data["masks"] == 0, reached)
+    assert len(data["rewards"]) == 600  # nothing is dropped
+    np.testing.assert_array_equal(data["rewards"], np.where(reached, 0.0, -1.0))  # r - 1
 
     run_dir = rlpd.main(rlpd.Args(env="local/antmaze/random-tiny-v0", online_steps=200, log_dir=str(tmp_path),
                                   **{**TINY_ARGS, "eval_every": 200}))

@@ -7,7 +7,7 @@ Names (`resolve`):
     `ALIASES` holds every name and its Minari id.
   * Minari ids, e.g. `D4RL/antmaze/large-diverse-v1`, `mujoco/hopper/medium-v0`.
   * Local datasets: any id in Minari's local folder (`minari list local`), including the
-    `local/...` ids that `benchmarks/build_dataset.py` makes; a buildable `local/...` id that is
+    `local/...` ids that `common/builders.py` (`benchmarks/build_dataset.py`) makes; a buildable `local/...` id that is
     missing is built on first use.
   * A registered Gymnasium env id (`Hopper-v5`) for online-only runs, with no dataset.
 
@@ -53,7 +53,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import difflib
-import importlib
 import io
 import os
 import re
@@ -158,16 +157,14 @@ def _is_local(dataset_id: str) -> bool:
 
 
 def _buildable(dataset_id: str) -> bool:
-    builder = _builder()
-    return dataset_id.startswith("local/") and builder is not None and builder.is_buildable(dataset_id)
+    return dataset_id.startswith("local/") and _builder().is_buildable(dataset_id)
 
 
 def _builder():
-    """benchmarks/build_dataset.py, or None where only the scripts and common/ were copied."""
-    try:
-        return importlib.import_module("benchmarks.build_dataset")
-    except ImportError:
-        return None
+    """common.builders: the simulators that build `local/...` datasets."""
+    from common import builders
+
+    return builders
 
 
 def _remote_host() -> str:
@@ -212,10 +209,9 @@ def load_dataset(task: Task):
         return minari.load_dataset(dataset_id)
     if dataset_id.startswith("local/"):
         if not _buildable(dataset_id):
-            builder = _builder()
-            known = ("it builds: " + ", ".join(builder.BUILDABLE_PATTERNS)) if builder else "it is not in this copy"
+            known = "it builds: " + ", ".join(_builder().BUILDABLE_PATTERNS)
             raise UserError(f"local dataset {dataset_id!r} was not found at {path}, and "
-                            f"benchmarks/build_dataset.py cannot build it ({known}).")
+                            f"common/builders.py cannot build it ({known}).")
         print(f"Building local dataset {dataset_id} at {path} by simulation (first use; cached afterwards).")
         return _builder().build(dataset_id)
     host = _remote_host()

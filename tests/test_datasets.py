@@ -157,11 +157,10 @@ def test_misspelled_minari_id_offline_suggests_known_ids(tmp_path, monkeypatch):
         datasets.load_dataset(datasets.resolve("D4RL/antmaze/lage-diverse-v1"))
 
 
-def test_local_id_without_the_builder_is_a_clear_error(tmp_path, monkeypatch):
+def test_missing_local_id_that_cannot_be_built_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
-    monkeypatch.setattr(datasets, "_builder", lambda: None)  # only the scripts and common/ were copied
-    with pytest.raises(UserError, match="cannot build it"):
-        datasets.load_dataset(datasets.resolve("local/pointmaze/umaze-dense-v0"))
+    with pytest.raises(UserError, match="common/builders.py cannot build it"):
+        datasets.load_dataset(datasets.resolve("local/pointmaze/spiral-v0"))
 
 
 def test_local_dataset_loads_as_flat_transitions(tiny_pointmaze):

@@ -3,7 +3,8 @@
 Nakamoto, Zhai, Singh, Sobol Mark, Ma, Finn, Kumar, Levine. "Cal-QL: Calibrated Offline RL
 Pre-Training for Efficient Online Fine-Tuning", NeurIPS 2023, https://arxiv.org/abs/2303.05479.
 Follows the official code, nakamotoo/Cal-QL (`JaxCQL/conservative_sac.py`, `JaxCQL/model.py`,
-`JaxCQL/replay_buffer.py`, `JaxCQL/conservative_sac_main.py`, `scripts/run_*.sh`).
+`JaxCQL/replay_buffer.py`, `JaxCQL/conservative_sac_main.py`, `scripts/run_*.sh`); the dense
+Adroit preset comes from tinkoff-ai/CORL's port (`configs/finetune/cal_ql/*/cloned_v1.yaml`).
 `diff algorithms/cql.py algorithms/calql.py` shows everything Cal-QL changes in CQL.
 
 CQL(H) (see cql.py) in which the Q-values of the policy and next-policy samples in the
@@ -21,7 +22,8 @@ step; on Kitchen an unterminated trajectory keeps its last reward forever (the c
 
   * Lagrange tuning (`--cql-lagrange`, AntMaze): the penalty is alpha' * alpha_cql *
     (gap - `--cql-target-action-gap`), alpha' = exp(log alpha') clipped to [0, 1e6] with
-    log alpha' starting at 1 (Cal-QL's form; CQL's subtracts its threshold after the weight).
+    log alpha' starting at 1 (JaxCQL's form, cql.py's `--recipe jaxcql`; rlkit's CQL subtracts
+    its threshold after the weight).
   * Max-target backup (on in every Cal-QL run): n next actions are sampled, the min over target
     critics is taken per action, and the best action's value (and log-probability, for the
     optional entropy term) is backed up.
@@ -43,17 +45,26 @@ penalty weight (the code's cql_min_q_weight_online). Evaluations fall at multipl
 `--eval-every` environment steps (mid-trajectory, with the policy that is collecting it) and
 at the end of each phase; checkpoints at trajectory ends.
 
-Presets (the official scripts; explicit flags win): antmaze actor 2x256, critics 4x256,
-alpha 5 with Lagrange (gap 0.8), reward 10r - 5, 1M offline + 1M online, mixing 0.5; adroit
-actor 2x512, critics 3x512, alpha 1, reward 10r + 5, 20k offline + 1M online (pen: 200k);
-kitchen 3x512 both, alpha 5, plain (not importance-sampled) log-sum-exp, raw reward, 500k
-offline + 1.5M online, mixing 0.25 (run_kitchen.sh, a later commit); locomotion, for which there
-is no official script, the code's defaults (2x256, alpha 5, raw reward, 1M offline only);
-pointmaze is ours (the locomotion settings, 100k + 100k).
+Presets (explicit flags win; each row names the official file it comes from; every preset has
+max-target backup, no BC, actor lr 1e-4, critic lr 3e-4, batch 256, mixing 0.5 unless said):
+  * antmaze: `scripts/run_antmaze.sh`: actor 2x256, critics 4x256, alpha 5 with Lagrange (target
+    gap 0.8), reward 10 r - 5, 1M offline updates (1000 epochs x 1000) + 1M online steps.
+  * kitchen: `scripts/run_kitchen.sh` (commit c510025): 3x512 actor and critics, alpha 5, plain
+    (not importance-sampled) log-sum-exp, raw reward, 500k + 1.5M, mixing 0.25.
+  * adroit: CORL's `configs/finetune/cal_ql/{pen,door,hammer,relocate}/cloned_v1.yaml`, made for
+    D4RL's dense Adroit rewards, which Minari's Adroit data keep: 3x256 actor (fixed in CORL) and
+    critics, alpha 1, no Lagrange, raw reward, 1M + 1M. Cal-QL's own `scripts/run_adroit.sh`
+    (2x512 / 3x512, alpha 1, reward 10 r + 5, 20k offline + 1M online, pen 200k) is for the
+    binary Adroit tasks, which are in neither D4RL nor Minari; its 10 r + 5 assumes binary
+    rewards, so it is not used on dense data.
+  * locomotion: no official script; the code's defaults (`conservative_sac_main.py`: 2x256,
+    alpha 5, raw reward), 1M offline updates only.
+  * pointmaze: ours, the locomotion settings, 100k + 100k.
 
 Deviations: Minari's Adroit data have dense rewards, not the binary ones Cal-QL used, so the
-sparse-failure rule is off there. The official evaluation cadence (every 50k offline updates,
-every 2000 online steps, 20 episodes) is left to `--eval-every` / `--eval-episodes`.
+sparse-failure rule is off there (CORL: `is_sparse_reward: false`); CORL's clipping of the gap
+at -200 is not used. The official evaluation cadence (every 50k offline updates, every 2000
+online steps, 20 episodes) is left to `--eval-every` / `--eval-episodes`.
 
 Usage:
   python algorithms/calql.py                                   # local PointMaze data, built on first use
@@ -94,11 +105,12 @@ ALGORITHM = "calql"
 @dataclasses.dataclass
 class Args:
     """Cal-QL (Nakamoto et al. 2023), offline then online. Flags marked [preset] take the domain's
-    preset unless given: max-target backup, no BC, actor lr 1e-4, mixing 0.5; antmaze actor 2x256,
-    critics 4x256, alpha 5 with Lagrange gap 0.8, reward 10r - 5, 1M + 1M; adroit 2x512 / 3x512,
-    alpha 1, reward 10r + 5, 20k + 1M; kitchen 3x512, alpha 5, plain log-sum-exp, 500k + 1.5M,
-    mixing 0.25; locomotion 2x256, alpha 5, 1M offline only; pointmaze as locomotion, 100k +
-    100k. An offline step is one gradient update; an online step is one environment step."""
+    preset unless given: max-target backup, no BC, actor lr 1e-4, mixing 0.5; antmaze
+    (run_antmaze.sh) actor 2x256, critics 4x256, alpha 5 with Lagrange gap 0.8, reward 10r - 5,
+    1M + 1M; adroit (CORL's dense-Adroit config) 3x256, alpha 1, raw reward, 1M + 1M; kitchen
+    (run_kitchen.sh) 3x512, alpha 5, plain log-sum-exp, 500k + 1.5M, mixing 0.25; locomotion
+    (code defaults) 2x256, alpha 5, 1M offline only; pointmaze as locomotion, 100k + 100k. An
+    offline step is one gradient update; an online step is one environment step."""
 
     # --- run ---
     env: str = "local/pointmaze/umaze-dense-v0"
@@ -173,8 +185,8 @@ class Args:
     """Importance-sampled log-sum-exp (CQL(H) as in the paper); off: plain log-sum-exp over the samples and Q(s, a_data) [preset]."""
     cql_lagrange: bool | None = None
     """Tune the penalty weight by dual gradient descent towards --cql-target-action-gap [preset]."""
-    cql_target_action_gap: float | None = None
-    """Cal-QL's target of the gap (log-sum-exp minus data Q) under Lagrange tuning [preset]."""
+    cql_target_action_gap: float = 0.8
+    """Cal-QL's target of the gap (log-sum-exp minus data Q) under Lagrange tuning (run_antmaze.sh)."""
     alpha_prime_lr: float = 3e-4
     """Learning rate of the Lagrange multiplier's log (the code uses the critic's)."""
     max_target_backup: bool | None = None
@@ -189,16 +201,24 @@ class Args:
     """See --reward-scale [preset]."""
 
 
+# JaxCQL/conservative_sac_main.py and conservative_sac.py defaults (policy_arch and qf_arch 256-256,
+# cql_min_q_weight 5, policy_lr 1e-4, cql_max_target_backup True, no BC)
 _CALQL = dict(actor_hidden_dims=(256, 256), critic_hidden_dims=(256, 256), cql_alpha=5.0, cql_lagrange=False,
-              cql_target_action_gap=1.0, max_target_backup=True, actor_lr=1e-4, bc_steps=0, reward_scale=1.0,
-              reward_bias=0.0, offline_steps=1_000_000, offline_ratio=0.5, cql_importance_sample=True)
+              max_target_backup=True, actor_lr=1e-4, bc_steps=0, reward_scale=1.0, reward_bias=0.0,
+              offline_steps=1_000_000, offline_ratio=0.5, cql_importance_sample=True)
 PRESETS: dict[str, dict[str, Any]] = {
     # no official locomotion script: the code's defaults, offline only
     "locomotion": dict(_CALQL, online_steps=0),
-    "antmaze": dict(_CALQL, critic_hidden_dims=(256, 256, 256, 256), cql_lagrange=True, cql_target_action_gap=0.8,
+    # scripts/run_antmaze.sh: qf_arch 4x256, cql_lagrange with cql_target_action_gap 0.8 (the field's
+    # default), reward 10 r - 5, 1M + 1M, mixing 0.5
+    "antmaze": dict(_CALQL, critic_hidden_dims=(256, 256, 256, 256), cql_lagrange=True,
                     reward_scale=10.0, reward_bias=-5.0, online_steps=1_000_000),
-    "adroit": dict(_CALQL, actor_hidden_dims=(512, 512), critic_hidden_dims=(512, 512, 512), cql_alpha=1.0,
-                   reward_scale=10.0, reward_bias=5.0, offline_steps=20_000, online_steps=1_000_000),
+    # CORL configs/finetune/cal_ql/{pen,door,hammer,relocate}/cloned_v1.yaml (dense Adroit): 3x256 actor
+    # (fixed in CORL) and critics (q_n_hidden_layers 3), cql_alpha 1, raw reward, 1M + 1M, mixing 0.5
+    "adroit": dict(_CALQL, actor_hidden_dims=(256, 256, 256), critic_hidden_dims=(256, 256, 256), cql_alpha=1.0,
+                   online_steps=1_000_000),
+    # scripts/run_kitchen.sh (commit c510025): 512-512-512 both, cql_importance_sample False, 500k + 1.5M,
+    # mixing 0.25
     "kitchen": dict(_CALQL, actor_hidden_dims=(512, 512, 512), critic_hidden_dims=(512, 512, 512),
                     cql_importance_sample=False, offline_steps=500_000, online_steps=1_500_000, offline_ratio=0.25),
     # ours: the locomotion settings, shorter
@@ -463,7 +483,7 @@ def critic_loss(critic_params, key, batch, target_q, actor_params, alpha_prime, 
         samples = calibrate(samples, batch["mc_returns"])
     gap = cql_gap(samples, data_q, config)
     if config.cql_lagrange:
-        penalty = alpha_prime * config.cql_alpha * (gap - config.cql_target_action_gap)
+        penalty = lagrange_penalty(alpha_prime, gap, config)
     else:
         penalty = config.cql_alpha * gap
     info = {"td_loss": td_loss, "q": data_q.mean(), "cql_gap": gap.mean(), "below_bound_rate": below_bound,
@@ -471,10 +491,15 @@ def critic_loss(critic_params, key, batch, target_q, actor_params, alpha_prime, 
     return td_loss + penalty.sum(), (gap, info)
 
 
+def lagrange_penalty(alpha_prime, gap, config: Config):
+    """Per critic, Cal-QL's form: alpha' * alpha_cql * (gap - target action gap)."""
+    return alpha_prime * config.cql_alpha * (gap - config.cql_target_action_gap)
+
+
 def alpha_prime_loss(alpha_prime_params, gap, alpha_prime_apply, config: Config):
     """Dual step: raise alpha' while the penalty exceeds the threshold, lower it below."""
     alpha_prime = jnp.clip(alpha_prime_apply({"params": alpha_prime_params}), 0.0, 1e6)
-    return -(alpha_prime * config.cql_alpha * (gap - config.cql_target_action_gap)).sum() * 0.5
+    return -lagrange_penalty(alpha_prime, gap, config).sum() * 0.5
 
 
 def actor_loss(actor_params, key, batch, critic_params, temperature, behaviour_cloning, config: Config):

@@ -1,11 +1,17 @@
 """CQL: Conservative Q-Learning, offline pre-training then online fine-tuning, in one file.
 
 Kumar, Zhou, Tucker, Levine. "Conservative Q-Learning for Offline Reinforcement Learning",
-NeurIPS 2020, https://arxiv.org/abs/2006.04779. The loss follows the official code,
-aviralkumar2907/CQL (`d4rl/rlkit/torch/sac/cql.py`, `d4rl/examples/cql_mujoco_new.py`,
-`cql_antmaze_new.py`, READMEs); networks and the online fine-tuning protocol follow the JAX CQL
-that Cal-QL builds on, nakamotoo/Cal-QL (`JaxCQL/conservative_sac.py`, `JaxCQL/model.py`,
-`JaxCQL/conservative_sac_main.py` with `enable_calql=False`, how Cal-QL ran its CQL baseline). `diff algorithms/cql.py algorithms/calql.py` shows everything Cal-QL changes.
+NeurIPS 2020, https://arxiv.org/abs/2006.04779. Two official codes, picked by `--recipe`:
+  * rlkit: the authors' code, aviralkumar2907/CQL (`d4rl/rlkit/torch/sac/cql.py`,
+    `d4rl/examples/cql_mujoco_new.py`, `d4rl/examples/cql_antmaze_new.py`, `README.md`);
+  * jaxcql: the JAX CQL that Cal-QL builds on, nakamotoo/Cal-QL (`JaxCQL/conservative_sac.py`,
+    `JaxCQL/model.py`, `JaxCQL/conservative_sac_main.py` run with `--enable_calql=False`), which
+    is how the Cal-QL paper ran its CQL baseline; tinkoff-ai/CORL's `algorithms/finetune/cql.py`
+    implements the same variant in PyTorch (Lagrange form, alpha' start, max-target backup), and
+    CORL's CQL fine-tuning numbers come from it.
+They differ in the Lagrange form, the max-target backup and the behaviour-cloning warm start
+(below); the networks and the online fine-tuning loop are JaxCQL's in both.
+`diff algorithms/cql.py algorithms/calql.py` shows everything Cal-QL changes.
 
 SAC with twin Q-functions (as one vmapped ensemble) whose TD loss is joined by the CQL(H)
 penalty, per critic:
@@ -16,14 +22,17 @@ the log-sum-exp estimated by importance sampling over n=10 uniform random action
 0.5^|A|), n actions of the current policy at s and n actions of the policy at s' (both
 evaluated at s, each Q minus its log-probability).
 
-  * Lagrange tuning (`--cql-lagrange`): the penalty becomes alpha' * (alpha_cql * gap -
-    `--lagrange-threshold`), alpha' = exp(log alpha') clipped to [0, 1e6], log alpha' starting
-    at 0 and trained (learning rate: the critics') to hold alpha_cql * gap at the threshold.
-  * Max-target backup (`--max-target-backup`, off in every preset): the TD target is the min
-    over target critics of each critic's max over n sampled next actions (rlkit's
-    `max_q_backup`; it has no entropy term).
+  * Lagrange tuning (`--cql-lagrange`), alpha' = exp(log alpha') clipped to [0, 1e6] and
+    trained (learning rate: the critics') to hold the gap at its target. rlkit: the penalty is
+    alpha' * (alpha_cql * gap - `--lagrange-threshold`), log alpha' starting at 0
+    (`rlkit/torch/sac/cql.py`, `with_lagrange`). jaxcql: alpha' * alpha_cql * (gap - `--cql-target-action-gap`), log alpha'
+    starting at 1 (`conservative_sac.py`, `cql_lagrange`), Cal-QL's form.
+  * Max-target backup (`--max-target-backup`): n next actions are sampled. rlkit's
+    (`max_q_backup`): the min over target critics of each critic's max over them, with no
+    entropy term. jaxcql's (`cql_max_target_backup`): the max over them of the min over target
+    critics (with that action's log-probability, for `--backup-entropy`).
   * Behaviour-cloning warm start (`--bc-steps`): for the first updates the actor minimises
-    alpha * log pi(a~|s) - log pi(a_data|s) (the CQL code's `policy_eval_start`, 40k).
+    alpha * log pi(a~|s) - log pi(a_data|s) (rlkit's `policy_eval_start`, 40k; jaxcql has none).
   * No entropy term in the TD target by default (`deterministic_backup` / `backup_entropy` off).
   * Temperature: automatic, target entropy -|A|, loss -log alpha * (log pi + target entropy).
   * Every loss of an update is computed from the same parameters (the critic target, the CQL
@@ -36,28 +45,52 @@ evaluated at s, each Q minus its log-probability).
     a larger ensemble with a subset-min target: that is the
     pre-training network of WSRL (10 critics, min over 2).
 
-Online fine-tuning (Cal-QL's protocol): the policy collects one whole trajectory, which then
-goes into the online buffer, followed by `utd` x (its length) updates, each on a minibatch
-with `offline_ratio` (0.5) of its rows from the offline data. Evaluations fall at multiples of
-`--eval-every` environment steps (mid-trajectory, with the policy that is collecting it) and
-at the end of each phase; checkpoints at trajectory ends.
+Online fine-tuning (JaxCQL's loop; the rlkit code has no online phase): the policy collects one
+whole trajectory, which then goes into the online buffer, followed by `utd` x (its length)
+updates, each on a minibatch with `offline_ratio` (0.5; Kitchen 0.25) of its rows from the
+offline data. Evaluations fall at multiples of `--eval-every` environment steps (mid-trajectory,
+with the policy that is collecting it) and at the end of each phase; checkpoints at trajectory
+ends.
 
-Presets (explicit flags win; 3x256 actor and critics, 40k BC updates, 1M offline updates):
-locomotion as the README's MuJoCo command (alpha 5 fixed, actor lr 1e-4, raw reward, offline
-only); antmaze as its AntMaze command (alpha 5, Lagrange threshold 5, actor lr 1e-4, reward
-4 (r - 0.5) as in `cql_antmaze_new.py`, then 1M online steps, Cal-QL's fine-tuning length);
-kitchen as its Kitchen command (alpha 10, Lagrange threshold 5, actor lr 3e-5); adroit, for
-which there is no official command, the Kitchen settings; pointmaze is ours (the MuJoCo
-settings on 2x256 networks, 10k BC updates, 100k + 100k).
+Presets (explicit flags win; each row names the official file it comes from; every preset has
+actor lr 1e-4, critic lr 3e-4, batch 256 and the importance-sampled log-sum-exp unless said):
+  * antmaze (jaxcql), the setup of the CQL fine-tuning numbers AntMaze results are compared
+    with: Cal-QL's `scripts/run_antmaze.sh` with `--enable_calql=False`, other values from
+    `JaxCQL/conservative_sac_main.py` and `conservative_sac.py` defaults: actor 2x256, critics
+    4x256, alpha 5 with Lagrange (target gap 0.8, alpha' from e), max-target backup, no BC,
+    reward 10 r - 5, 1M offline updates (1000 epochs x 1000) + 1M online steps, mixing 0.5.
+    CORL's `configs/finetune/cql/antmaze/*.yaml` agree except 5x256 critics, a 3x256 actor, the
+    gap clipped below at -200 and one shared buffer instead of mixing.
+  * antmaze with `--recipe rlkit`, the original offline recipe: `d4rl/examples/cql_antmaze_new.py`
+    run with the README's AntMaze command: 3x256 actor and critics, alpha 5 with Lagrange
+    threshold 5 (alpha' from 1), no max backup, 40k BC updates, reward 4 (r - 0.5), offline only
+    (the code has no online phase), 1M offline updates (the script's 3000 epochs would be 3M).
+  * locomotion (rlkit): `d4rl/examples/cql_mujoco_new.py` run with the README's MuJoCo command:
+    3x256, alpha 5 fixed (the README's "5 or 10", `--lagrange_thresh=-1`), no max backup, 40k BC
+    updates, raw reward, 1M offline updates only.
+  * kitchen (jaxcql): Cal-QL's `scripts/run_kitchen.sh` (commit c510025) with
+    `--enable_calql=False`: 3x512 actor and critics, alpha 5 fixed, plain log-sum-exp
+    (`--cql.cql_importance_sample=False`), max backup, no BC, raw reward, 500k + 1.5M, mixing 0.25.
+    (The CQL code has no Kitchen command; its README names only MuJoCo and AntMaze.)
+  * adroit (jaxcql): CORL's `configs/finetune/cql/{pen,door,hammer,relocate}/cloned_v1.yaml`,
+    written for D4RL's dense Adroit rewards, which Minari's Adroit data keep: 3x256 actor and
+    critics, alpha 1 fixed, max backup, no BC, raw reward, 1M + 1M; mixing 0.5 (CORL: one
+    shared buffer; gap clipped below at -200). Cal-QL's Adroit script is for the binary tasks.
+  * pointmaze (rlkit): ours, the locomotion settings on 2x256 networks, 10k BC updates,
+    100k + 100k.
+On the other domains `--recipe` switches only the Lagrange form (with the start of alpha') and
+the max-target backup; the BC warm start is the `--bc-steps` preset value.
 
-Deviations: none in the losses. The networks are JaxCQL's rather than rlkit's (whose actor has
-a separate log-std layer clipped to [-5, 2] and uniform(+-1e-3) output layers); the BC
-log-likelihood does not clamp the Gaussian mean to [-9, 9] as rlkit does.
+Deviations: none in the losses. The networks are JaxCQL's in both recipes, not rlkit's (whose
+actor has a separate log-std layer clipped to [-5, 2] and uniform(+-1e-3) output layers); the
+BC log-likelihood does not clamp the Gaussian mean to [-9, 9] as rlkit does; rlkit's max
+backup always samples 10 actions, here `--cql-n-actions` (10).
 
 Usage:
   python algorithms/cql.py                                   # local PointMaze data, built on first use
-  python algorithms/cql.py --env antmaze-large               # D4RL/antmaze/large-diverse-v1, 1M + 1M
-  python algorithms/cql.py --env hopper-medium --online-steps 0   # offline only
+  python algorithms/cql.py --env antmaze-large               # D4RL/antmaze/large-diverse-v1, 1M + 1M (jaxcql)
+  python algorithms/cql.py --env antmaze-large --recipe rlkit     # the original offline AntMaze recipe
+  python algorithms/cql.py --env hopper-medium               # offline only (locomotion preset)
   python algorithms/cql.py --resume runs/cql__...            # continue a stopped run
 """
 
@@ -68,7 +101,7 @@ import functools
 import json
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import flax.linen as nn
 import jax
@@ -92,11 +125,15 @@ ALGORITHM = "cql"
 @dataclasses.dataclass
 class Args:
     """CQL (Kumar et al. 2020), offline then online. Flags marked [preset] take the domain's
-    preset unless given: 3x256 networks, 40k BC updates, 1M offline updates, mixing 0.5;
-    locomotion alpha 5, actor lr 1e-4, offline only; antmaze alpha 5 with Lagrange threshold 5,
-    reward 4 (r - 0.5), 1M online; kitchen and adroit alpha 10, threshold 5, actor lr 3e-5,
-    offline only; pointmaze 2x256, alpha 5, 10k BC, 100k + 100k. An offline step is one
-    gradient update; an online step is one environment step."""
+    preset unless given (actor lr 1e-4, importance-sampled penalty, 1M offline updates and
+    mixing 0.5 unless said): antmaze (jaxcql, Cal-QL's run_antmaze.sh without calibration) actor
+    2x256, critics 4x256, alpha 5 with Lagrange gap 0.8, max backup, no BC, reward 10r - 5,
+    1M + 1M; antmaze with --recipe rlkit (cql_antmaze_new.py) 3x256, alpha 5 with Lagrange
+    threshold 5, 40k BC, reward 4 (r - 0.5), offline only; locomotion (rlkit, cql_mujoco_new.py)
+    3x256, alpha 5, 40k BC, offline only; kitchen (jaxcql, run_kitchen.sh) 3x512, alpha 5, plain
+    log-sum-exp, max backup, 500k + 1.5M, mixing 0.25; adroit (jaxcql, CORL finetune configs)
+    3x256, alpha 1, max backup, 1M + 1M; pointmaze (rlkit, ours) 2x256, alpha 5, 10k BC, 100k +
+    100k. An offline step is one gradient update; an online step is one environment step."""
 
     # --- run ---
     env: str = "local/pointmaze/umaze-dense-v0"
@@ -169,50 +206,71 @@ class Args:
     """Temperature T of the log-sum-exp."""
     cql_importance_sample: bool | None = None
     """Importance-sampled log-sum-exp (CQL(H) as in the paper); off: plain log-sum-exp over the samples and Q(s, a_data) [preset]."""
+    recipe: Literal["jaxcql", "rlkit"] | None = None
+    """Official code followed: jaxcql (Cal-QL's JaxCQL without calibration) or rlkit (aviralkumar2907/CQL); picks the Lagrange form, the max-target backup and, on AntMaze, the preset [preset]."""
     cql_lagrange: bool | None = None
-    """Tune the penalty weight by dual gradient descent towards --lagrange-threshold [preset]."""
-    lagrange_threshold: float | None = None
-    """CQL's lagrange_thresh: the target of cql_alpha x (log-sum-exp minus data Q) [preset]."""
+    """Tune the penalty weight by dual gradient descent (--lagrange-threshold for rlkit, --cql-target-action-gap for jaxcql) [preset]."""
+    lagrange_threshold: float = 5.0
+    """rlkit's lagrange_thresh: the target of cql_alpha x gap (gap: log-sum-exp minus data Q; cql_antmaze_new.py)."""
+    cql_target_action_gap: float = 0.8
+    """jaxcql's cql_target_action_gap: the target of the gap (run_antmaze.sh)."""
     alpha_prime_lr: float = 3e-4
     """Learning rate of the Lagrange multiplier's log (the code uses the critic's)."""
     max_target_backup: bool | None = None
-    """TD target: min over critics of the max over n sampled next actions of each [preset]."""
+    """TD target over n sampled next actions: rlkit, min over critics of each one's max; jaxcql, max of the min over critics [preset]."""
     bc_steps: int | None = None
-    """First actor updates trained by behaviour cloning (CQL's policy_eval_start) [preset]."""
+    """First actor updates trained by behaviour cloning (rlkit's policy_eval_start; jaxcql: none) [preset]."""
     reward_scale: float | None = None
     """Rewards become reward_scale * r + reward_bias, offline and online [preset]."""
     reward_bias: float | None = None
     """See --reward-scale [preset]."""
 
 
-_CQL = dict(actor_hidden_dims=(256, 256, 256), critic_hidden_dims=(256, 256, 256), max_target_backup=False,
-            bc_steps=40_000, reward_scale=1.0, reward_bias=0.0, offline_steps=1_000_000, offline_ratio=0.5,
-            cql_importance_sample=True)
+# aviralkumar2907/CQL: d4rl/examples/cql_*_new.py (layer_size 256 x 3, policy_eval_start 40000,
+# max_q_backup False, deterministic_backup True) and the README's commands (policy_lr 1e-4)
+_RLKIT = dict(recipe="rlkit", actor_hidden_dims=(256, 256, 256), critic_hidden_dims=(256, 256, 256),
+              max_target_backup=False, bc_steps=40_000, actor_lr=1e-4, reward_scale=1.0, reward_bias=0.0,
+              offline_steps=1_000_000, offline_ratio=0.5, cql_importance_sample=True)
+# nakamotoo/Cal-QL: JaxCQL/conservative_sac_main.py and conservative_sac.py defaults (policy_arch and
+# qf_arch 256-256, policy_lr 1e-4, cql_max_target_backup True, no BC), --enable_calql=False
+_JAXCQL = dict(recipe="jaxcql", actor_hidden_dims=(256, 256), critic_hidden_dims=(256, 256),
+               max_target_backup=True, bc_steps=0, actor_lr=1e-4, reward_scale=1.0, reward_bias=0.0,
+               offline_steps=1_000_000, offline_ratio=0.5, cql_importance_sample=True, cql_alpha=5.0,
+               cql_lagrange=False)
 PRESETS: dict[str, dict[str, Any]] = {
-    # README MuJoCo command: policy_lr 1e-4, lagrange_thresh -1 (off), min_q_weight 5
-    "locomotion": dict(_CQL, cql_alpha=5.0, cql_lagrange=False, lagrange_threshold=0.0, actor_lr=1e-4,
-                       online_steps=0),
-    # README AntMaze command: policy_lr 1e-4, lagrange_thresh 5, min_q_weight 5; loader: 4 (r - 0.5)
-    "antmaze": dict(_CQL, cql_alpha=5.0, cql_lagrange=True, lagrange_threshold=5.0, actor_lr=1e-4,
-                    reward_scale=4.0, reward_bias=-2.0, online_steps=1_000_000),
-    # README Kitchen command: policy_lr 3e-5, lagrange_thresh 5, min_q_weight 10
-    "kitchen": dict(_CQL, cql_alpha=10.0, cql_lagrange=True, lagrange_threshold=5.0, actor_lr=3e-5,
-                    online_steps=0),
-    # no official Adroit command: the Kitchen one
-    "adroit": dict(_CQL, cql_alpha=10.0, cql_lagrange=True, lagrange_threshold=5.0, actor_lr=3e-5,
-                   online_steps=0),
-    # ours: the MuJoCo settings on 2x256 networks, shorter
-    "pointmaze": dict(_CQL, actor_hidden_dims=(256, 256), critic_hidden_dims=(256, 256), cql_alpha=5.0,
-                      cql_lagrange=False, lagrange_threshold=0.0, actor_lr=1e-4, bc_steps=10_000,
-                      offline_steps=100_000, online_steps=100_000),
+    # README MuJoCo command (cql_mujoco_new.py): min_q_weight 5, lagrange_thresh -1 (off); offline only
+    "locomotion": dict(_RLKIT, cql_alpha=5.0, cql_lagrange=False, online_steps=0),
+    # Cal-QL scripts/run_antmaze.sh, --enable_calql=False: qf_arch 4x256, cql_min_q_weight 5,
+    # cql_lagrange with cql_target_action_gap 0.8 (the field's default), reward 10 r - 5, 1M + 1M, mixing 0.5
+    "antmaze": dict(_JAXCQL, critic_hidden_dims=(256, 256, 256, 256), cql_lagrange=True,
+                    reward_scale=10.0, reward_bias=-5.0, online_steps=1_000_000),
+    # --recipe rlkit: README AntMaze command (cql_antmaze_new.py): min_q_weight 5, lagrange_thresh 5
+    # (the field's default); the loader's 4 (r - 0.5); offline only
+    "antmaze/rlkit": dict(_RLKIT, cql_alpha=5.0, cql_lagrange=True, reward_scale=4.0, reward_bias=-2.0,
+                          online_steps=0),
+    # Cal-QL scripts/run_kitchen.sh (commit c510025), --enable_calql=False: 512-512-512 both,
+    # cql_min_q_weight 5, cql_importance_sample False, raw reward, 500 epochs + 1.5M, mixing 0.25
+    "kitchen": dict(_JAXCQL, actor_hidden_dims=(512, 512, 512), critic_hidden_dims=(512, 512, 512),
+                    cql_importance_sample=False, offline_steps=500_000, online_steps=1_500_000,
+                    offline_ratio=0.25),
+    # CORL configs/finetune/cql/{pen,door,hammer,relocate}/cloned_v1.yaml (a port of JaxCQL):
+    # 3x256 actor (fixed in CORL) and critics (q_n_hidden_layers 3), cql_alpha 1, no Lagrange,
+    # cql_max_target_backup, bc_steps 0, raw reward, 1M + 1M
+    "adroit": dict(_JAXCQL, actor_hidden_dims=(256, 256, 256), critic_hidden_dims=(256, 256, 256),
+                   cql_alpha=1.0, online_steps=1_000_000),
+    # ours: the locomotion settings on 2x256 networks, shorter
+    "pointmaze": dict(_RLKIT, actor_hidden_dims=(256, 256), critic_hidden_dims=(256, 256), cql_alpha=5.0,
+                      cql_lagrange=False, bc_steps=10_000, offline_steps=100_000, online_steps=100_000),
 }
 PRESETS["default"] = PRESETS["locomotion"]
 
 
 def apply_preset(args: Args, domain: str) -> Args:
-    """Fill every unset (None) field from the domain's preset."""
-    preset = PRESETS.get(domain, PRESETS["default"])
-    filled = {name: value for name, value in preset.items() if getattr(args, name) is None}
+    """Fill every unset (None) field from the domain's preset: PRESETS[f"{domain}/{recipe}"] when
+    an explicit --recipe has one (antmaze/rlkit), else PRESETS[domain]."""
+    name = domain if domain in PRESETS else "default"
+    preset = PRESETS.get(f"{name}/{args.recipe}", PRESETS[name])
+    filled = {field: value for field, value in preset.items() if getattr(args, field) is None}
     return dataclasses.replace(args, **filled)
 
 
@@ -344,8 +402,10 @@ class Config:
     cql_importance_sample: bool = struct.field(pytree_node=False)
     cql_lagrange: bool = struct.field(pytree_node=False)
     lagrange_threshold: float = struct.field(pytree_node=False)
+    cql_target_action_gap: float = struct.field(pytree_node=False)
     max_target_backup: bool = struct.field(pytree_node=False)
     bc_steps: int = struct.field(pytree_node=False)
+    recipe: str = struct.field(pytree_node=False)  # "rlkit" or "jaxcql": the Lagrange form and the max backup
 
 
 class Agent(struct.PyTreeNode):
@@ -364,8 +424,8 @@ def make_config(args: Args, action_dim: int) -> Config:
     return Config(Actor(tuple(args.actor_hidden_dims), action_dim, args.layer_norm), critic(args.num_qs),
                   critic(num_min_qs), args.num_qs, num_min_qs, action_dim, args.discount, args.tau,
                   args.backup_entropy, target_entropy, args.cql_alpha, args.cql_n_actions, args.cql_temperature,
-                  args.cql_importance_sample, args.cql_lagrange, args.lagrange_threshold, args.max_target_backup,
-                  args.bc_steps)
+                  args.cql_importance_sample, args.cql_lagrange, args.lagrange_threshold, args.cql_target_action_gap,
+                  args.max_target_backup, args.bc_steps, recipe=args.recipe)
 
 
 def create_agent(args: Args, config: Config, observation_dim: int, action_dim: int) -> Agent:
@@ -383,7 +443,7 @@ def create_agent(args: Args, config: Config, observation_dim: int, action_dim: i
 
     target_params = jax.tree_util.tree_map(jnp.copy, critic_params)  # own buffers: the state is donated
     return Agent(actor, critic, target_params, scalar(args.init_temperature, temperature_lr),
-                 scalar(1.0, args.alpha_prime_lr), key)
+                 scalar(1.0 if args.recipe == "rlkit" else float(np.e), args.alpha_prime_lr), key)  # log alpha' 0 or 1
 
 
 def scalar_value(state: TrainState):
@@ -392,7 +452,8 @@ def scalar_value(state: TrainState):
 
 def td_target(key, batch, actor_params, target_params, temperature, config: Config):
     """r + gamma * mask * (min over target critics of Q(s', a') - [alpha * log pi(a'|s')]); with
-    max-target backup, the min over target critics of each one's max over n sampled a'."""
+    max-target backup over n sampled a', rlkit: the min over target critics of each one's max;
+    jaxcql: the max of that min (with the log pi of the best)."""
     action_key, subset_key = jax.random.split(key)
     mean, log_std = config.actor.apply({"params": actor_params}, batch["next_observations"])
     num = config.cql_n_actions if config.max_target_backup else None
@@ -402,9 +463,13 @@ def td_target(key, batch, actor_params, target_params, temperature, config: Conf
     next_observations = jnp.broadcast_to(batch["next_observations"],
                                          (*next_actions.shape[:-1], batch["next_observations"].shape[-1]))
     next_q = config.target_critic.apply({"params": subset}, next_observations, next_actions)
-    if config.max_target_backup:  # (critics, n, B); no entropy term (validate)
+    if config.max_target_backup and config.recipe == "rlkit":  # (critics, n, B); no entropy term (validate)
         next_q = next_q.max(1)
     next_q = next_q.min(0)
+    if config.max_target_backup and config.recipe != "rlkit":  # (n, B): keep the best sampled action of each row
+        best = next_q.argmax(0)
+        next_q = jnp.take_along_axis(next_q, best[None], 0)[0]
+        next_log_probs = jnp.take_along_axis(next_log_probs, best[None], 0)[0]
     if config.backup_entropy:
         next_q = next_q - temperature * next_log_probs
     return batch["rewards"] + config.discount * batch["masks"] * next_q
@@ -453,7 +518,7 @@ def critic_loss(critic_params, key, batch, target_q, actor_params, alpha_prime, 
     samples = ood_q_values(key, batch, actor_params, critic_params, config)
     gap = cql_gap(samples, data_q, config)
     if config.cql_lagrange:
-        penalty = alpha_prime * (config.cql_alpha * gap - config.lagrange_threshold)
+        penalty = lagrange_penalty(alpha_prime, gap, config)
     else:
         penalty = config.cql_alpha * gap
     info = {"td_loss": td_loss, "q": data_q.mean(), "cql_gap": gap.mean(),
@@ -461,10 +526,18 @@ def critic_loss(critic_params, key, batch, target_q, actor_params, alpha_prime, 
     return td_loss + penalty.sum(), (gap, info)
 
 
+def lagrange_penalty(alpha_prime, gap, config: Config):
+    """Per critic, rlkit: alpha' * (alpha_cql * gap - threshold); jaxcql (Cal-QL's form):
+    alpha' * alpha_cql * (gap - target action gap)."""
+    if config.recipe == "rlkit":
+        return alpha_prime * (config.cql_alpha * gap - config.lagrange_threshold)
+    return alpha_prime * config.cql_alpha * (gap - config.cql_target_action_gap)
+
+
 def alpha_prime_loss(alpha_prime_params, gap, alpha_prime_apply, config: Config):
     """Dual step: raise alpha' while the penalty exceeds the threshold, lower it below."""
     alpha_prime = jnp.clip(alpha_prime_apply({"params": alpha_prime_params}), 0.0, 1e6)
-    return -(alpha_prime * (config.cql_alpha * gap - config.lagrange_threshold)).sum() * 0.5
+    return -lagrange_penalty(alpha_prime, gap, config).sum() * 0.5
 
 
 def actor_loss(actor_params, key, batch, critic_params, temperature, behaviour_cloning, config: Config):
@@ -584,8 +657,8 @@ def validate(args: Args) -> None:
     for name in ("cql_alpha", "online_cql_alpha"):
         value = getattr(args, name)
         check(value is None or value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}.")
-    check(not (args.max_target_backup and args.backup_entropy),
-          "--max-target-backup has no entropy term in CQL's code: drop --backup-entropy.")
+    check(not (args.recipe == "rlkit" and args.max_target_backup and args.backup_entropy),
+          "--max-target-backup has no entropy term in rlkit's code: drop --backup-entropy (or use --recipe jaxcql).")
     for name in ("actor_hidden_dims", "critic_hidden_dims"):
         dims = getattr(args, name)
         check(dims is None or (len(dims) > 0 and min(dims) > 0),

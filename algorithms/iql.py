@@ -58,12 +58,24 @@ with a leading axis of 2 (the twins) on every leaf, input concat(observation, ac
 `target_critic_params` shaped as `critic.params`; each TrainState also holds `step` and
 `opt_state`; `key` is the JAX key. `load_policy(run_dir)` gives the deterministic policy.
 
-Presets (official configs and README): locomotion expectile 0.7, beta 3; antmaze 0.9, 10, with
-100 evaluation episodes every 100k steps (the README's AntMaze commands; the paper reports
-AntMaze over 100 episodes); kitchen and adroit 0.7, 0.5, actor dropout 0.1. pointmaze is our
-own addition: locomotion-like 0.7, 3 (dense reward, no rewards to rescale), 100k + 100k steps.
-Steps: 1M offline (both official scripts) and 1M online (the paper's and `train_finetune.py`'s
-fine-tuning length) everywhere else. Evaluation elsewhere: 10 episodes every 5000 steps.
+Presets (explicit flags win), each domain on its paper protocol: the official fine-tuning runs
+are AntMaze only; the locomotion, Kitchen and Adroit numbers are offline-only with the cosine
+actor schedule.
+  * locomotion: `configs/mujoco_config.py` with `train_offline.py` (README's Locomotion command):
+    expectile 0.7, beta 3, 1M offline updates only, cosine; 10 episodes every 5000 steps (the
+    script's defaults).
+  * antmaze: `configs/antmaze_finetune_config.py` with `train_finetune.py` (README's fine-tuning
+    command): expectile 0.9, beta 10, 1M offline updates + 1M online steps, constant lr
+    (`opt_decay_schedule = None`); 100 episodes every 100k steps (the command's flags).
+  * kitchen, adroit: `configs/kitchen_config.py` with `train_offline.py` (README's "Kitchen and
+    Adroit" command): expectile 0.7, beta 0.5, actor dropout 0.1, 1M offline updates only,
+    cosine; 10 episodes every 5000 steps.
+  * pointmaze: ours, locomotion-like 0.7, 3 (dense reward, no rewards to rescale), 100k offline
+    + 100k online steps, constant lr; 10 episodes every 5000 steps.
+Fine-tuning on any domain is one flag away (`--online-steps 1000000`, which also makes the
+schedule constant unless `--actor-lr-schedule` is given); AntMaze offline-only as in the
+paper's offline table is `--online-steps 0` (cosine, as `train_offline.py` with
+`configs/antmaze_config.py`).
 
 Deviations from the official code:
   * Locomotion fine-tuning: `train_finetune.py` rescales only the dataset rewards and inserts
@@ -80,7 +92,8 @@ Deviations from the official code:
 Usage:
   python algorithms/iql.py                                      # local PointMaze data, built on first use
   python algorithms/iql.py --env antmaze-large                  # 1M offline + 1M online fine-tuning
-  python algorithms/iql.py --env hopper-medium --online-steps 0 # offline only (cosine actor lr)
+  python algorithms/iql.py --env hopper-medium                  # 1M offline only (cosine actor lr)
+  python algorithms/iql.py --env hopper-medium --online-steps 1000000   # then 1M online (constant lr)
   python algorithms/iql.py --resume runs/iql__...               # continue a stopped run
 """
 
@@ -117,10 +130,10 @@ LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # bounds of the policy's log-std (official
 @dataclasses.dataclass
 class Args:
     """IQL (Kostrikov et al. 2021). Flags marked [preset] take the domain's preset unless given:
-    locomotion expectile 0.7, beta 3; antmaze 0.9, 10, 100 eval episodes every 100k steps;
-    kitchen and adroit 0.7, 0.5, actor dropout 0.1; pointmaze 0.7, 3, 100k + 100k steps; 1M
-    offline + 1M online steps elsewhere. A step is one update offline and one environment step
-    online."""
+    locomotion expectile 0.7, beta 3, 1M offline only, cosine; antmaze 0.9, 10, 1M + 1M, constant
+    lr, 100 eval episodes every 100k steps; kitchen and adroit 0.7, 0.5, actor dropout 0.1, 1M
+    offline only, cosine; pointmaze 0.7, 3, 100k + 100k. A step is one update offline and one
+    environment step online."""
 
     # --- run ---
     env: str = "local/pointmaze/umaze-dense-v0"
@@ -182,14 +195,18 @@ class Args:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # configs/mujoco_config.py, train_offline.py defaults (max_steps 1M, eval_interval 5000, eval_episodes 10)
     "locomotion": dict(expectile=0.7, beta=3.0, dropout_rate=0.0, offline_steps=1_000_000,
-                       online_steps=1_000_000, eval_every=5000, eval_episodes=10),
+                       online_steps=0, eval_every=5000, eval_episodes=10),
+    # configs/antmaze_finetune_config.py, README's train_finetune.py command (100 episodes every 100k)
     "antmaze": dict(expectile=0.9, beta=10.0, dropout_rate=0.0, offline_steps=1_000_000,
                     online_steps=1_000_000, eval_every=100_000, eval_episodes=100),
+    # configs/kitchen_config.py, train_offline.py defaults (README: "Kitchen and Adroit")
     "kitchen": dict(expectile=0.7, beta=0.5, dropout_rate=0.1, offline_steps=1_000_000,
-                    online_steps=1_000_000, eval_every=5000, eval_episodes=10),
+                    online_steps=0, eval_every=5000, eval_episodes=10),
     "adroit": dict(expectile=0.7, beta=0.5, dropout_rate=0.1, offline_steps=1_000_000,
-                   online_steps=1_000_000, eval_every=5000, eval_episodes=10),
+                   online_steps=0, eval_every=5000, eval_episodes=10),
+    # ours
     "pointmaze": dict(expectile=0.7, beta=3.0, dropout_rate=0.0, offline_steps=100_000,
                       online_steps=100_000, eval_every=5000, eval_episodes=10),
 }

@@ -23,11 +23,13 @@ over a random subset of Z target critics, and G=20 critic updates per environmen
   * AntMaze: reward r - 1 on every transition (offline and online), Minari AntMaze relabelled
     to D4RL semantics (common/datasets.py); masks are 1 - terminated, never 1 - truncated.
 
-Presets (official README and configs): locomotion 2x256, Z=2, entropy backup on, 250k steps;
-antmaze 3x256, Z=1, no entropy backup, 300k steps; adroit 3x256, Z=2, no entropy backup, 1M
-steps; random actions for the first 5000 steps (the README's commands for all three). Other
-domains (kitchen) take the official flag defaults (2x256, Z=2, backup on, 1M steps, 10000
-random steps); pointmaze is our own addition (2x256, Z=2, backup on, 100k steps, 5000 random).
+Presets (`README.md`'s commands for `train_finetuning.py` with `configs/rlpd_config.py`, which
+builds on `configs/sac_config.py` and `configs/td_config.py`): locomotion (the "D4RL Locomotion"
+command) 2x256, Z=2, entropy backup on, 250k steps; antmaze ("D4RL Antmaze") 3x256, Z=1, no
+entropy backup, 300k steps; adroit ("Adroit Binary") 3x256, Z=2, no entropy backup, 1M steps;
+random actions for the first 5000 steps (`--start_training 5000` in all three). Other domains
+(kitchen) take the official defaults (2x256, Z=2, backup on, `max_steps` 1M, `start_training`
+10000); pointmaze is our own addition (2x256, Z=2, backup on, 100k steps, 5000 random).
 
 Deviations: none in the algorithm. Our own additions: `--offline-steps` (the official
 `pretrain_steps`, offline-only updates before the online phase, 0 by default), atomic

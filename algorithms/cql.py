@@ -98,7 +98,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import sys
 from typing import Any, Callable, Literal
@@ -108,16 +107,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization, struct
+from flax import struct
 from flax.training.train_state import TrainState
 
 if __package__ in (None, ""):  # run as `python algorithms/cql.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import buffers, checkpoint, datasets  # noqa: E402
-from common.cli import UserError, check, run_cli
-from common.evaluation import Evaluator
-from common.logger import CHECKPOINT_FILE, CONFIG_FILE, Resumed, RunLogger, new_run_dir
+from common import buffers, datasets  # noqa: E402
+from common import run as harness
+from common.cli import check, run_cli
 
 ALGORITHM = "cql"
 
@@ -146,6 +144,8 @@ class Args:
     """Run folder to continue from its last checkpoint (its saved configuration is used)."""
     checkpoint_every: int = 50_000
     """Checkpoint every this many steps (online: at the next trajectory end) and at the end."""
+    checkpoint_minutes: float = 10.0
+    """Also checkpoint once this many minutes have passed since the last checkpoint (online: at the next trajectory end)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -629,41 +629,39 @@ def make_step_functions(args: Args, config: Config):
 
 
 # ---------------------------------------------------------------------------------------------
-# Data, validation, checkpoints
+# Flags and data
+
+
+RULES: list[harness.Rule] = [
+    ("offline_ratio", harness.fraction, "must lie in [0, 1]"),
+    ("bc_steps", harness.at_least(0), "must be >= 0"),
+    ("num_qs", harness.at_least(1), "must be >= 1"),
+    ("cql_n_actions", harness.at_least(1), "must be >= 1"),
+    *[(name, harness.positive, "must be positive") for name in (
+        "actor_lr", "critic_lr", "temp_lr", "alpha_prime_lr", "init_temperature", "cql_temperature")],
+    ("cql_alpha", harness.at_least(0), "must be >= 0"),
+    ("online_cql_alpha", harness.at_least(0), "must be >= 0"),
+    ("actor_hidden_dims", harness.widths, "must be positive widths"),
+    ("critic_hidden_dims", harness.widths, "must be positive widths"),
+    ("discount", lambda value: 0.0 < value < 1.0, "must lie in (0, 1)"),  # returns-to-go divide by 1 - gamma
+]
+
+
+OLDER_RUNS = {"recipe": "rlkit"}  # run folders written before --recipe existed used rlkit's forms
 
 
 def validate(args: Args) -> None:
     """Every flag check that needs no data; runs before anything is loaded or compiled."""
-    check(args.utd >= 1, f"--utd must be at least 1, got {args.utd}.")
-    check(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}.")
+    harness.check_flags(args, RULES + harness.RUN_RULES)
     if args.offline_ratio is not None:
-        check(0.0 <= args.offline_ratio <= 1.0, f"--offline-ratio must lie in [0, 1], got {args.offline_ratio}.")
         n_offline = args.batch_size * args.offline_ratio
         check(abs(n_offline - round(n_offline)) < 1e-6,
               f"--batch-size {args.batch_size} cannot be split by --offline-ratio {args.offline_ratio}: "
               f"batch-size x ratio = {n_offline:g} offline rows must be a whole number.")
-    for name in ("offline_steps", "online_steps", "bc_steps"):
-        value = getattr(args, name)
-        check(value is None or value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}.")
-    for name in ("eval_every", "eval_episodes", "checkpoint_every", "log_every", "num_qs", "cql_n_actions"):
-        value = getattr(args, name)
-        check(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}.")
     check(args.num_min_qs is None or 1 <= args.num_min_qs <= args.num_qs,
           f"--num-min-qs must lie in [1, --num-qs={args.num_qs}], got {args.num_min_qs}.")
-    check(args.seed >= 0, f"--seed must be >= 0, got {args.seed}.")
-    for name in ("actor_lr", "critic_lr", "temp_lr", "alpha_prime_lr", "init_temperature", "cql_temperature"):
-        value = getattr(args, name)
-        check(value is None or value > 0, f"--{name.replace('_', '-')} must be positive, got {value}.")
-    for name in ("cql_alpha", "online_cql_alpha"):
-        value = getattr(args, name)
-        check(value is None or value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}.")
     check(not (args.recipe == "rlkit" and args.max_target_backup and args.backup_entropy),
           "--max-target-backup has no entropy term in rlkit's code: drop --backup-entropy (or use --recipe jaxcql).")
-    for name in ("actor_hidden_dims", "critic_hidden_dims"):
-        dims = getattr(args, name)
-        check(dims is None or (len(dims) > 0 and min(dims) > 0),
-              f"--{name.replace('_', '-')} must be positive widths, got {dims}.")
-    check(0.0 < args.discount < 1.0 and 0.0 < args.tau <= 1.0, "--discount must lie in (0, 1) and --tau in (0, 1].")
 
 
 def load_offline_data(task: datasets.Task, dataset, action_space, args: Args) -> dict[str, np.ndarray]:
@@ -684,81 +682,13 @@ def trajectory_rows(trajectory: dict[str, list], args: Args, task: datasets.Task
     return {key: np.asarray(value, np.float32) for key, value in trajectory.items()}
 
 
-def episode_seed(seed: int, kind: int, index: int) -> int:
-    """Reset seed of training episode (kind 0) or evaluation round (kind 1) number `index`."""
-    return int(np.random.SeedSequence([seed, kind, index]).generate_state(1)[0])
-
-
-@dataclasses.dataclass
-class Progress:
-    """Counters a checkpoint must carry besides networks and buffers."""
-
-    offline_step: int = 0
-    online_step: int = 0
-    episode: int = 0
-    evaluations: int = 0
-    next_checkpoint: int = 0
-    finished: bool = False
-
-
-def save_checkpoint(run_dir, agent, online, progress: Progress, elapsed):
-    payload = {
-        "agent": serialization.to_state_dict(jax.device_get(agent)),
-        "online_rows": buffers.filled_rows(online),
-        "online_cursor": int(online.cursor),
-        "progress": dataclasses.asdict(progress),
-        "elapsed": elapsed,
-    }
-    checkpoint.save(os.path.join(run_dir, CHECKPOINT_FILE), payload)
-
-
-CHECKPOINT_KEYS = ("agent", "online_rows", "online_cursor", "progress", "elapsed")
-
-
-def read_checkpoint(run_dir: str) -> dict[str, Any]:
-    """A run's checkpoint, checked for completeness before anything is built."""
-    payload = checkpoint.load(os.path.join(run_dir, CHECKPOINT_FILE))
-    missing = [key for key in CHECKPOINT_KEYS if key not in payload]
-    if missing:
-        raise UserError(f"cannot read checkpoint in {run_dir}: it lacks {', '.join(missing)}.")
-    return payload
-
-
-def restore_checkpoint(payload, run_dir, agent, online):
-    try:
-        agent = serialization.from_state_dict(agent, payload["agent"])
-        online = buffers.restore_rows(online, payload["online_rows"], payload["online_cursor"])
-        return agent, online, Progress(**payload["progress"]), payload["elapsed"]
-    except (KeyError, ValueError, TypeError) as error:
-        raise UserError(f"checkpoint in {run_dir} does not match this run's configuration: {error}") from None
-
-
-def read_run_config(run_dir: str) -> tuple[Args, dict[str, Any]]:
-    """The Args a run folder was started with, and its whole config.json (for --resume, load_agent)."""
-    path = os.path.join(run_dir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise UserError(f"{run_dir}: no {CONFIG_FILE} there; is it a run folder of {ALGORITHM}.py?")
-    try:
-        with open(path) as file:
-            saved = json.load(file)
-        fields = {field.name for field in dataclasses.fields(Args)}
-        args = Args(**{key: value for key, value in saved.items() if key in fields})
-    except (json.JSONDecodeError, TypeError) as error:
-        raise UserError(f"cannot read {path}: {error}") from None
-    if saved.get("algorithm") != ALGORITHM:
-        raise UserError(f"{run_dir} is a run of {saved.get('algorithm')!r}, not {ALGORITHM}.")
-    return dataclasses.replace(args, actor_hidden_dims=tuple(args.actor_hidden_dims),
-                               critic_hidden_dims=tuple(args.critic_hidden_dims)), saved
-
-
 def load_agent(run_dir: str) -> tuple[Agent, Config, dict[str, Any]]:
     """The agent of a run's last checkpoint, its Config and its config.json (for fine-tuning
     from a pre-trained run: wsrl.py, off2on.py)."""
-    args, saved = read_run_config(run_dir)
+    args, saved = harness.read_run_config(run_dir, Args, ALGORITHM, OLDER_RUNS)
     config = make_config(args, saved["action_dim"])
     agent = create_agent(args, config, saved["observation_dim"], saved["action_dim"])
-    payload = read_checkpoint(run_dir)
-    return serialization.from_state_dict(agent, payload["agent"]), config, saved
+    return harness.load_agent_state(run_dir, agent), config, saved
 
 
 def load_policy(run_dir: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -774,55 +704,29 @@ def load_policy(run_dir: str) -> Callable[[np.ndarray], np.ndarray]:
 
 @dataclasses.dataclass
 class Run:
-    """Everything one training run holds; the phase loops below advance it."""
+    """One training run: its session (folder, counters, logs, evaluation, stops), the agent, the
+    buffers and the jitted calls; the phase loops below advance it."""
 
     args: Args
     task: datasets.Task
-    run_dir: str
+    session: harness.Session
     env: Any
     offline: buffers.Buffer
     online: buffers.Buffer
     agent: Agent
-    progress: Progress
-    logger: RunLogger
-    evaluator: Evaluator
     policy: Callable
     train_offline: Callable
     train_online: Callable
     act: Callable
 
     def evaluate(self, phase: str, step: int) -> None:
-        seed = episode_seed(self.args.seed, 1, self.progress.evaluations)
-        metrics = self.evaluator(lambda observations: self.policy(self.agent.actor.params, observations), seed)
-        self.progress.evaluations += 1
-        self.logger.evaluation(step, phase, metrics)
+        self.session.evaluate(lambda observations: self.policy(self.agent.actor.params, observations), phase, step)
 
-    def checkpoint(self) -> None:
-        self.logger.sync()
-        save_checkpoint(self.run_dir, self.agent, self.online, self.progress, self.logger.elapsed())
+    def checkpoint(self, step: int) -> None:
+        self.session.save(step, self.agent, self.online)
 
     def reset_env(self) -> np.ndarray:
-        return self.env.reset(seed=episode_seed(self.args.seed, 0, self.progress.episode))[0]
-
-
-def resolve_args(args: Args) -> tuple[Args, str | None, dict[str, Any] | None]:
-    """The run's Args, plus the folder and checkpoint to resume from (a resumed run's Args come
-    from its folder); a missing or unreadable checkpoint is reported here, before any work."""
-    if args.resume is None:
-        return args, None, None
-    run_dir = args.resume
-    saved_args, _ = read_run_config(run_dir)
-    if dataclasses.replace(args, resume=None) != Args():
-        print("note: --resume continues the run with its saved configuration; other flags are ignored.")
-    return saved_args, run_dir, read_checkpoint(run_dir)
-
-
-def check_log_dir(log_dir: str) -> None:
-    try:
-        os.makedirs(log_dir, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create --log-dir {log_dir}: {error.strerror}.") from None
-    check(os.access(log_dir, os.W_OK), f"cannot write to --log-dir {log_dir}.")
+        return self.env.reset(seed=self.session.reset_seed())[0]
 
 
 def start_run(args: Args) -> Run | None:
@@ -830,10 +734,10 @@ def start_run(args: Args) -> Run | None:
 
     Returns None when the run to resume has already finished.
     """
-    args, run_dir, saved_checkpoint = resolve_args(args)
+    args, run_dir, saved = harness.resolve_resume(args, ALGORITHM, older_runs=OLDER_RUNS)
     validate(args)
     if run_dir is None:
-        check_log_dir(args.log_dir)
+        harness.check_log_dir(args.log_dir)
     task = datasets.resolve(args.env)
     check(task.dataset_id is not None,
           f"--env {args.env} is an environment without a dataset; {ALGORITHM}.py pre-trains offline: name a dataset.")
@@ -849,33 +753,21 @@ def start_run(args: Args) -> Run | None:
     check(offline_rows["observations"].shape[1] == observation_dim,
           f"dataset observations have {offline_rows['observations'].shape[1]} dims, the env {observation_dim}.")
     offline = buffers.from_arrays(offline_rows)
+    run_dir = run_dir or harness.create_run_dir(args, ALGORITHM)
 
     config = make_config(args, action_dim)
     agent = create_agent(args, config, observation_dim, action_dim)
     online = buffers.empty_like({key: value[0] for key, value in offline_rows.items()}, max(args.online_steps, 1))
-    progress, resumed = Progress(), None
-    if run_dir is None:
-        run_dir = new_run_dir(args.log_dir, ALGORITHM, args.env, args.seed)
-        progress.next_checkpoint = args.checkpoint_every
-    else:
-        agent, online, progress, elapsed = restore_checkpoint(saved_checkpoint, run_dir, agent, online)
-        if progress.finished:
-            print(f"{run_dir} has already finished.")
-            return None
-        resumed = Resumed(progress.offline_step + progress.online_step, progress.evaluations, elapsed)
-        print(f"Resuming {run_dir} at step {resumed.step}.")
-
-    config_record = {"algorithm": ALGORITHM, **dataclasses.asdict(args), "domain": task.domain,
-                     "dataset_id": task.dataset_id, "observation_dim": observation_dim, "action_dim": action_dim}
-    logger = RunLogger(run_dir, config_record, args.offline_steps + args.online_steps, resumed, args.progress)
-    evaluator = Evaluator(make_env, args.eval_episodes, datasets.scoring_for(dataset, task.domain))
-    return Run(args, task, run_dir, env, offline, online, agent, progress, logger, evaluator,
-               deterministic_policy(config), *make_step_functions(args, config))
-
-
-def log_training(run: Run, info, step: int) -> None:
-    run.logger.scalars({**{f"train/{k}": v for k, v in info.items()}, "time/sps": run.logger.steps_per_second()},
-                       step)
+    progress, elapsed = harness.Progress(next_checkpoint=args.checkpoint_every), None
+    if saved is not None:
+        agent, online, progress, elapsed = harness.restore_checkpoint(saved, run_dir, agent, online)
+    if progress.finished:
+        print(f"{run_dir} has already finished.")
+        return None
+    session = harness.open_session(ALGORITHM, args, task, run_dir, progress, elapsed, (observation_dim, action_dim),
+                                   make_env, datasets.scoring_for(dataset, task.domain))
+    return Run(args, task, session, env, offline, online, agent, deterministic_policy(config),
+               *make_step_functions(args, config))
 
 
 def offline_phase(run: Run) -> None:
@@ -884,7 +776,7 @@ def offline_phase(run: Run) -> None:
     Whatever is logged at a step is logged before a checkpoint at that step, so a resumed run
     redoes exactly what came after its checkpoint.
     """
-    args, progress = run.args, run.progress
+    args, progress = run.args, run.session.progress
     if progress.offline_step == 0 and args.offline_steps > 0:
         run.evaluate("offline", 0)
     while progress.offline_step < args.offline_steps:
@@ -892,21 +784,21 @@ def offline_phase(run: Run) -> None:
         chunk = min(next_eval, args.offline_steps, progress.offline_step + args.log_every) - progress.offline_step
         run.agent, info = run.train_offline(run.agent, run.offline, chunk)
         progress.offline_step += chunk
-        run.logger.advance(chunk)
-        log_training(run, info, progress.offline_step)
+        run.session.logger.advance(chunk)
+        run.session.log_training(info, progress.offline_step)
         if progress.offline_step == args.offline_steps:
             break  # the phase-end evaluation opens the online phase
         if progress.offline_step % args.eval_every == 0:
             run.evaluate("offline", progress.offline_step)
-        if progress.offline_step >= progress.next_checkpoint:
-            progress.next_checkpoint += args.checkpoint_every
-            run.checkpoint()
+        if run.session.checkpoint_due(progress.offline_step):
+            run.checkpoint(progress.offline_step)
 
 
 def collect_trajectory(run: Run) -> dict[str, list]:
-    """Act with the stochastic policy until the episode ends or the online budget is spent.
-    Evaluations due at multiples of `eval_every` run on the way, with the acting policy."""
-    args, progress, base = run.args, run.progress, run.args.offline_steps
+    """Act with the stochastic policy until the episode ends, the online budget is spent or a
+    stop signal cuts it. Evaluations due at multiples of `eval_every` run on the way, with the
+    acting policy."""
+    args, progress, session, base = run.args, run.session.progress, run.session, run.args.offline_steps
     trajectory = {key: [] for key in ("observations", "actions", "rewards", "next_observations", "masks")}
     observation, episode_return, over = run.reset_env(), 0.0, False
     while not over:
@@ -920,35 +812,44 @@ def collect_trajectory(run: Run) -> dict[str, list]:
             trajectory[key].append(value)
         observation = next_observation
         progress.online_step += 1
-        run.logger.advance()
-        over = terminated or truncated or progress.online_step == args.online_steps
+        session.logger.advance()
+        over = terminated or truncated or progress.online_step == args.online_steps or session.stop_requested
         if progress.online_step % args.eval_every == 0 and progress.online_step < args.online_steps:
             run.evaluate("online", base + progress.online_step)
     progress.episode += 1
-    run.logger.scalars({"train/episode_return": episode_return}, base + progress.online_step)
+    session.logger.scalars({"train/episode_return": episode_return}, base + progress.online_step)
     return trajectory
 
 
 def online_phase(run: Run) -> None:
-    """Trajectory by trajectory: collect, add to the online buffer, then utd x length updates."""
-    args, progress, base = run.args, run.progress, run.args.offline_steps
+    """Trajectory by trajectory: collect, add to the online buffer, then utd x length updates.
+
+    Checkpoints fall after a trajectory's updates. A stop signal cuts the trajectory being
+    collected: its rows are saved with the updates they are owed, which a resumed run does first
+    (the cut episode is not continued: the simulator's state is not saved).
+    """
+    args, progress, session, base = run.args, run.session.progress, run.session, run.args.offline_steps
     if progress.online_step == 0:  # the phase starts (online checkpoints all have online_step > 0)
         run.evaluate("online" if args.offline_steps == 0 else "offline", base)
-        progress.next_checkpoint = base + args.checkpoint_every
-    while progress.online_step < args.online_steps:
-        start = progress.online_step
-        trajectory = collect_trajectory(run)
-        run.online = buffers.insert_rows(run.online, trajectory_rows(trajectory, args, run.task))
-        run.agent, info = run.train_online(run.agent, run.offline, run.online,
-                                           args.utd * (progress.online_step - start))
+    session.logger.new_phase("online")
+    while progress.online_step < args.online_steps or progress.pending_updates:
+        if not progress.pending_updates:
+            start = progress.online_step
+            trajectory = collect_trajectory(run)
+            run.online = buffers.insert_rows(run.online, trajectory_rows(trajectory, args, run.task))
+            progress.pending_updates = args.utd * (progress.online_step - start)
+            if session.stop_requested:
+                run.checkpoint(base + progress.online_step)  # ends the run; the updates are owed
+        start = progress.online_step - progress.pending_updates // args.utd
+        run.agent, info = run.train_online(run.agent, run.offline, run.online, progress.pending_updates)
+        progress.pending_updates = 0
         step = base + progress.online_step
-        if progress.online_step // args.log_every > start // args.log_every:
-            log_training(run, info, step)
+        if start == 0 or progress.online_step // args.log_every > start // args.log_every:
+            session.log_training(info, step)
         if progress.online_step == args.online_steps:
             run.evaluate("online", step)
-        elif progress.next_checkpoint <= step:
-            progress.next_checkpoint = step + args.checkpoint_every
-            run.checkpoint()
+        elif session.checkpoint_due(step):
+            run.checkpoint(step)
 
 
 def main(args: Args) -> str | None:
@@ -956,19 +857,13 @@ def main(args: Args) -> str | None:
     run = start_run(args)
     if run is None:
         return args.resume
-    try:
+
+    def phases():
         offline_phase(run)
         online_phase(run)
-    except KeyboardInterrupt:
-        run.logger.close()
-        raise UserError(f"interrupted. Continue from the last checkpoint with: "
-                        f"python algorithms/{ALGORITHM}.py --resume {run.run_dir}") from None
-    run.progress.finished = True
-    run.checkpoint()
-    run.logger.close()
-    run.evaluator.close()
-    print(f"Finished. Run folder: {run.run_dir}")
-    return run.run_dir
+
+    run.session.run(phases, lambda: run.checkpoint(run.args.offline_steps + run.args.online_steps))
+    return run.session.run_dir
 
 
 if __name__ == "__main__":

@@ -101,7 +101,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import sys
 from typing import Any, Callable, Literal
@@ -111,16 +110,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization, struct
+from flax import struct
 from flax.training.train_state import TrainState
 
 if __package__ in (None, ""):  # run as `python algorithms/iql.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import buffers, checkpoint, datasets  # noqa: E402
+from common import buffers, datasets  # noqa: E402
+from common import run as harness
 from common.cli import UserError, check, run_cli
-from common.evaluation import Evaluator
-from common.logger import CHECKPOINT_FILE, CONFIG_FILE, Resumed, RunLogger, new_run_dir
 
 ALGORITHM = "iql"
 MAX_WEIGHT = 100.0  # cap on the AWR weights exp(beta * advantage) (official actor.py)
@@ -146,6 +144,8 @@ class Args:
     """Run folder to continue from its last checkpoint (its saved configuration is used)."""
     checkpoint_every: int = 50_000
     """Checkpoint every this many steps (online: at the next episode end) and at the end."""
+    checkpoint_minutes: float = 10.0
+    """Also checkpoint once this many minutes have passed since the last checkpoint (online: at the next episode end)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -477,32 +477,23 @@ def make_step_functions(args: Args, config: Config):
 
 
 # ---------------------------------------------------------------------------------------------
-# Data, validation, checkpoints
+# Flags and data
+
+RULES: list[harness.Rule] = [
+    ("expectile", lambda value: 0.0 < value < 1.0, "must lie strictly between 0 and 1"),
+    ("beta", harness.at_least(0), "must be >= 0 (0 = behaviour cloning)"),
+    ("dropout_rate", lambda value: 0.0 <= value < 1.0, "must lie in [0, 1)"),
+    ("actor_lr", harness.positive, "must be positive"),
+    ("value_lr", harness.positive, "must be positive"),
+    ("critic_lr", harness.positive, "must be positive"),
+    ("hidden_dims", harness.widths, "must be positive widths"),
+    ("reward_scale", harness.positive, "must be positive"),
+]
 
 
 def validate(args: Args) -> None:
     """Every flag check that needs no data; runs before anything is loaded or compiled."""
-    check(args.expectile is None or 0.0 < args.expectile < 1.0,
-          f"--expectile must lie strictly between 0 and 1, got {args.expectile}.")
-    check(args.beta is None or args.beta >= 0, f"--beta must be >= 0 (0 = behaviour cloning), got {args.beta}.")
-    check(args.dropout_rate is None or 0.0 <= args.dropout_rate < 1.0,
-          f"--dropout-rate must lie in [0, 1), got {args.dropout_rate}.")
-    check(args.utd >= 1, f"--utd must be at least 1, got {args.utd}.")
-    check(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}.")
-    for name in ("offline_steps", "online_steps"):
-        value = getattr(args, name)
-        check(value is None or value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}.")
-    for name in ("eval_every", "eval_episodes", "checkpoint_every", "log_every"):
-        value = getattr(args, name)
-        check(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}.")
-    check(args.seed >= 0, f"--seed must be >= 0, got {args.seed}.")
-    for name in ("actor_lr", "value_lr", "critic_lr"):
-        check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
-    check(len(args.hidden_dims) > 0 and min(args.hidden_dims) > 0,
-          f"--hidden-dims must be positive widths, got {args.hidden_dims}.")
-    check(0.0 < args.discount <= 1.0 and 0.0 < args.tau <= 1.0, "--discount and --tau must lie in (0, 1].")
-    check(args.reward_scale is None or args.reward_scale > 0,
-          f"--reward-scale must be positive, got {args.reward_scale}.")
+    harness.check_flags(args, RULES + harness.RUN_RULES)
 
 
 def load_transitions(task: datasets.Task, dataset) -> dict[str, np.ndarray]:
@@ -522,82 +513,15 @@ def offline_rows(transitions: dict[str, np.ndarray], action_space, args: Args) -
     }
 
 
-def episode_seed(seed: int, kind: int, index: int) -> int:
-    """Reset seed of training episode (kind 0) or evaluation round (kind 1) number `index`."""
-    return int(np.random.SeedSequence([seed, kind, index]).generate_state(1)[0])
-
-
-@dataclasses.dataclass
-class Progress:
-    """Counters a checkpoint must carry besides networks and buffers."""
-
-    offline_step: int = 0
-    online_step: int = 0
-    episode: int = 0
-    evaluations: int = 0
-    next_checkpoint: int = 0
-    finished: bool = False
-
-
-def save_checkpoint(run_dir, agent, online, progress: Progress, action, elapsed):
-    payload = {
-        "agent": serialization.to_state_dict(jax.device_get(agent)),
-        "online_rows": buffers.filled_rows(online),
-        "online_cursor": int(online.cursor),
-        "progress": dataclasses.asdict(progress),
-        "pending_action": np.zeros(0, np.float32) if action is None else np.asarray(action),
-        "elapsed": elapsed,
-    }
-    checkpoint.save(os.path.join(run_dir, CHECKPOINT_FILE), payload)
-
-
-CHECKPOINT_KEYS = ("agent", "online_rows", "online_cursor", "progress", "pending_action", "elapsed")
-
-
-def read_checkpoint(run_dir: str) -> dict[str, Any]:
-    """A run's checkpoint, checked for completeness before anything is built."""
-    payload = checkpoint.load(os.path.join(run_dir, CHECKPOINT_FILE))
-    missing = [key for key in CHECKPOINT_KEYS if key not in payload]
-    if missing:
-        raise UserError(f"cannot read checkpoint in {run_dir}: it lacks {', '.join(missing)}.")
-    return payload
-
-
-def restore_checkpoint(payload, run_dir, agent, online):
-    try:
-        agent = serialization.from_state_dict(agent, payload["agent"])
-        online = buffers.restore_rows(online, payload["online_rows"], payload["online_cursor"])
-        action = payload["pending_action"]
-        return (agent, online, Progress(**payload["progress"]), None if action.size == 0 else action,
-                payload["elapsed"])
-    except (KeyError, ValueError, TypeError) as error:
-        raise UserError(f"checkpoint in {run_dir} does not match this run's configuration: {error}") from None
-
-
-def read_run_config(run_dir: str) -> tuple[Args, dict[str, Any]]:
-    """The Args a run folder was started with, and its whole config.json (for --resume, load_policy)."""
-    path = os.path.join(run_dir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise UserError(f"{run_dir}: no {CONFIG_FILE} there; is it a run folder of {ALGORITHM}.py?")
-    try:
-        with open(path) as file:
-            saved = json.load(file)
-        fields = {field.name for field in dataclasses.fields(Args)}
-        args = Args(**{key: value for key, value in saved.items() if key in fields})
-    except (json.JSONDecodeError, TypeError) as error:
-        raise UserError(f"cannot read {path}: {error}") from None
-    if saved.get("algorithm") != ALGORITHM:
-        raise UserError(f"{run_dir} is a run of {saved.get('algorithm')!r}, not {ALGORITHM}.")
-    return dataclasses.replace(args, hidden_dims=tuple(args.hidden_dims)), saved
+CHECKPOINT_EXTRAS = ("pending_action",)  # besides common/run.py's payload
 
 
 def load_policy(run_dir: str) -> Callable[[np.ndarray], np.ndarray]:
     """The deterministic policy of a run's last checkpoint: (n, obs_dim) -> (n, act_dim) in [-1, 1]."""
-    args, saved = read_run_config(run_dir)
+    args, saved = harness.read_run_config(run_dir, Args, ALGORITHM)
     config = make_config(args, saved["action_dim"])
     agent = create_agent(args, config, saved["observation_dim"], saved["action_dim"])
-    payload = checkpoint.load(os.path.join(run_dir, CHECKPOINT_FILE))
-    actor_params = serialization.from_state_dict(agent, payload["agent"]).actor.params
+    actor_params = harness.load_agent_state(run_dir, agent).actor.params
     policy = deterministic_policy(config)
     return lambda observations: np.asarray(policy(actor_params, jnp.asarray(observations, jnp.float32)))
 
@@ -608,56 +532,30 @@ def load_policy(run_dir: str) -> Callable[[np.ndarray], np.ndarray]:
 
 @dataclasses.dataclass
 class Run:
-    """Everything one training run holds; the phase loops below advance it."""
+    """One training run: its session (folder, counters, logs, evaluation, stops), the agent, the
+    buffers and the jitted calls; the phase loops below advance it."""
 
     args: Args
     task: datasets.Task
-    run_dir: str
+    session: harness.Session
     env: Any
     offline: buffers.Buffer
     online: buffers.Buffer
     agent: Agent
-    progress: Progress
     action: np.ndarray | None  # the next action, computed by the last jitted call
-    logger: RunLogger
-    evaluator: Evaluator
     policy: Callable
     online_step: Callable
     offline_chunk: Callable
     first_action: Callable
 
     def evaluate(self, phase: str, step: int) -> None:
-        seed = episode_seed(self.args.seed, 1, self.progress.evaluations)
-        metrics = self.evaluator(lambda observations: self.policy(self.agent.actor.params, observations), seed)
-        self.progress.evaluations += 1
-        self.logger.evaluation(step, phase, metrics)
+        self.session.evaluate(lambda observations: self.policy(self.agent.actor.params, observations), phase, step)
 
-    def checkpoint(self) -> None:
-        self.logger.sync()
-        save_checkpoint(self.run_dir, self.agent, self.online, self.progress, self.action, self.logger.elapsed())
+    def checkpoint(self, step: int) -> None:
+        self.session.save(step, self.agent, self.online, pending_action=harness.optional_array(self.action))
 
     def reset_env(self) -> np.ndarray:
-        return self.env.reset(seed=episode_seed(self.args.seed, 0, self.progress.episode))[0]
-
-
-def resolve_args(args: Args) -> tuple[Args, str | None, dict[str, Any] | None]:
-    """The run's Args, plus the folder and checkpoint to resume from (a resumed run's Args come
-    from its folder); a missing or unreadable checkpoint is reported here, before any work."""
-    if args.resume is None:
-        return args, None, None
-    run_dir = args.resume
-    saved_args, _ = read_run_config(run_dir)
-    if dataclasses.replace(args, resume=None) != Args():
-        print("note: --resume continues the run with its saved configuration; other flags are ignored.")
-    return saved_args, run_dir, read_checkpoint(run_dir)
-
-
-def check_log_dir(log_dir: str) -> None:
-    try:
-        os.makedirs(log_dir, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create --log-dir {log_dir}: {error.strerror}.") from None
-    check(os.access(log_dir, os.W_OK), f"cannot write to --log-dir {log_dir}.")
+        return self.env.reset(seed=self.session.reset_seed())[0]
 
 
 def start_run(args: Args) -> Run | None:
@@ -665,10 +563,10 @@ def start_run(args: Args) -> Run | None:
 
     Returns None when the run to resume has already finished.
     """
-    args, run_dir, saved_checkpoint = resolve_args(args)
+    args, run_dir, saved = harness.resolve_resume(args, ALGORITHM, CHECKPOINT_EXTRAS)
     validate(args)
     if run_dir is None:
-        check_log_dir(args.log_dir)
+        harness.check_log_dir(args.log_dir)
     task = datasets.resolve(args.env)
     args = apply_preset(args, task.domain)
     validate(args)
@@ -686,30 +584,24 @@ def start_run(args: Args) -> Run | None:
           f"dataset observations have {rows['observations'].shape[1]} dims, the env {observation_dim}.")
     offline = buffers.from_arrays(rows)
     del transitions, rows
+    run_dir = run_dir or harness.create_run_dir(args, ALGORITHM)
 
     config = make_config(args, action_dim)
     agent = create_agent(args, config, observation_dim, action_dim)
     example = {key: np.zeros(value.shape[1:], value.dtype) for key, value in offline.data.items()}
     online = buffers.empty_like(example, max(args.online_steps, 1))
-    progress, action, resumed = Progress(), None, None
-    if run_dir is None:
-        run_dir = new_run_dir(args.log_dir, ALGORITHM, args.env, args.seed)
-        progress.next_checkpoint = args.checkpoint_every
-    else:
-        agent, online, progress, action, elapsed = restore_checkpoint(saved_checkpoint, run_dir, agent, online)
-        if progress.finished:
-            print(f"{run_dir} has already finished.")
-            return None
-        resumed = Resumed(progress.offline_step + progress.online_step, progress.evaluations, elapsed)
-        print(f"Resuming {run_dir} at step {resumed.step}.")
-
-    config_record = {"algorithm": ALGORITHM, **dataclasses.asdict(args), "domain": task.domain,
-                     "dataset_id": task.dataset_id, "observation_dim": observation_dim, "action_dim": action_dim,
-                     "offline_rows": int(offline.size)}
-    logger = RunLogger(run_dir, config_record, args.offline_steps + args.online_steps, resumed, args.progress)
-    evaluator = Evaluator(make_env, args.eval_episodes, datasets.scoring_for(dataset, task.domain))
-    return Run(args, task, run_dir, env, offline, online, agent, progress, action, logger, evaluator,
-               deterministic_policy(config), *make_step_functions(args, config))
+    progress, action, elapsed = harness.Progress(next_checkpoint=args.checkpoint_every), None, None
+    if saved is not None:
+        agent, online, progress, elapsed = harness.restore_checkpoint(saved, run_dir, agent, online)
+        action = harness.array_or_none(saved["pending_action"])
+    if progress.finished:
+        print(f"{run_dir} has already finished.")
+        return None
+    session = harness.open_session(ALGORITHM, args, task, run_dir, progress, elapsed, (observation_dim, action_dim),
+                                   make_env, datasets.scoring_for(dataset, task.domain),
+                                   offline_rows=int(offline.size))
+    return Run(args, task, session, env, offline, online, agent, action, deterministic_policy(config),
+               *make_step_functions(args, config))
 
 
 def offline_phase(run: Run) -> None:
@@ -718,7 +610,7 @@ def offline_phase(run: Run) -> None:
     Whatever is logged at a step is logged before a checkpoint at that step, so a resumed run
     redoes exactly what came after its checkpoint.
     """
-    args, progress = run.args, run.progress
+    args, progress = run.args, run.session.progress
     if progress.offline_step == 0 and args.offline_steps > 0:
         run.evaluate("offline", 0)
     while progress.offline_step < args.offline_steps:
@@ -726,29 +618,29 @@ def offline_phase(run: Run) -> None:
         chunk = min(next_eval, args.offline_steps, progress.offline_step + args.log_every) - progress.offline_step
         run.agent, info = run.offline_chunk(run.agent, run.offline, chunk)
         progress.offline_step += chunk
-        run.logger.advance(chunk)
-        run.logger.scalars({**{f"train/{k}": v for k, v in info.items()},
-                            "time/sps": run.logger.steps_per_second()}, progress.offline_step)
+        run.session.logger.advance(chunk)
+        run.session.log_training(info, progress.offline_step)
         if progress.offline_step == args.offline_steps:
             break  # the phase-end evaluation opens the online phase
         if progress.offline_step % args.eval_every == 0:
             run.evaluate("offline", progress.offline_step)
-        if progress.offline_step >= progress.next_checkpoint:
-            progress.next_checkpoint += args.checkpoint_every
-            run.checkpoint()
+        if run.session.checkpoint_due(progress.offline_step):
+            run.checkpoint(progress.offline_step)
 
 
 def online_phase(run: Run) -> None:
     """One environment step and ONE jitted call (insert, `utd` updates, next action) per iteration.
 
     Updates start at the first step and every action comes from the policy (official
-    `train_finetune.py`: no random-action warm-up).
+    `train_finetune.py`: no random-action warm-up). Checkpoints fall at episode ends, where a
+    resumed run continues exactly; a stop signal mid-episode checkpoints at once, and the
+    resumed run starts a new episode there (the simulator's state is not saved).
     """
-    args, progress, base = run.args, run.progress, run.args.offline_steps
+    args, progress, session, base = run.args, run.session.progress, run.session, run.args.offline_steps
     if progress.online_step == 0 and run.action is None:  # the phase starts (not a resume within it)
         run.evaluate("online" if args.offline_steps == 0 else "offline", base)
-        progress.next_checkpoint = base + args.checkpoint_every
-    observation, episode_return = run.reset_env(), 0.0  # checkpoints are taken at episode ends
+    session.logger.new_phase("online")
+    observation, episode_return = run.reset_env(), 0.0
     if progress.online_step < args.online_steps and run.action is None:
         run.agent, run.action = run.first_action(run.agent, observation)
     while progress.online_step < args.online_steps:
@@ -760,22 +652,24 @@ def online_phase(run: Run) -> None:
         step = base + progress.online_step + 1
         episode_over = terminated or truncated
         if episode_over:
-            run.logger.scalars({"train/episode_return": episode_return}, step)
+            session.logger.scalars({"train/episode_return": episode_return}, step)
             progress.episode += 1
             next_observation, episode_return = run.reset_env(), 0.0
         run.agent, run.online, run.action, info = run.online_step(
             run.agent, run.online, run.offline, transition, next_observation)
         observation = next_observation
         progress.online_step += 1
-        run.logger.advance()
-        if progress.online_step % args.log_every == 0:
-            run.logger.scalars({**{f"train/{k}": v for k, v in info.items()},
-                                "time/sps": run.logger.steps_per_second()}, step)
+        session.logger.advance()
+        if progress.online_step % args.log_every == 0 or progress.online_step == 1:
+            session.log_training(info, step)
         if progress.online_step % args.eval_every == 0 or progress.online_step == args.online_steps:
             run.evaluate("online", step)
-        if episode_over and progress.next_checkpoint <= step < base + args.online_steps:
-            progress.next_checkpoint = step + args.checkpoint_every
-            run.checkpoint()
+        if step == base + args.online_steps:
+            break  # the final checkpoint follows
+        if session.stop_requested and not episode_over:
+            progress.episode, run.action = progress.episode + 1, None  # the resumed run starts a new episode
+        if (episode_over or session.stop_requested) and session.checkpoint_due(step):
+            run.checkpoint(step)
 
 
 def main(args: Args) -> str | None:
@@ -783,19 +677,13 @@ def main(args: Args) -> str | None:
     run = start_run(args)
     if run is None:
         return args.resume
-    try:
+
+    def phases():
         offline_phase(run)
         online_phase(run)
-    except KeyboardInterrupt:
-        run.logger.close()
-        raise UserError(f"interrupted. Continue from the last checkpoint with: "
-                        f"python algorithms/{ALGORITHM}.py --resume {run.run_dir}") from None
-    run.progress.finished = True
-    run.checkpoint()
-    run.logger.close()
-    run.evaluator.close()
-    print(f"Finished. Run folder: {run.run_dir}")
-    return run.run_dir
+
+    run.session.run(phases, lambda: run.checkpoint(run.args.offline_steps + run.args.online_steps))
+    return run.session.run_dir
 
 
 if __name__ == "__main__":

@@ -102,14 +102,16 @@ def check_log_dir(log_dir: str) -> None:
         raise UserError(f"cannot write to --log-dir {log_dir}.")
 
 
-def read_run_config(run_dir: str, args_type: type, algorithm: str) -> tuple[Any, dict[str, Any]]:
-    """The Args a run folder was started with, and its whole config.json."""
+def read_run_config(run_dir: str, args_type: type, algorithm: str,
+                    older_runs: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """The Args a run folder was started with, and its whole config.json. `older_runs` gives the
+    value of flags added since, for run folders written before them."""
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise UserError(f"{run_dir}: no {CONFIG_FILE} there; is it a run folder of {algorithm}.py?")
     try:
         with open(path) as file:
-            saved = json.load(file)
+            saved = {**(older_runs or {}), **json.load(file)}
         fields = {field.name for field in dataclasses.fields(args_type)}
         # JSON turns tuples (layer widths) into lists
         args = args_type(**{key: tuple(value) if isinstance(value, list) else value
@@ -121,7 +123,7 @@ def read_run_config(run_dir: str, args_type: type, algorithm: str) -> tuple[Any,
     return args, saved
 
 
-def resolve_resume(args, algorithm: str, extra_keys: tuple[str, ...] = ()):
+def resolve_resume(args, algorithm: str, extra_keys: tuple[str, ...] = (), older_runs: dict[str, Any] | None = None):
     """(Args to run with, run folder to resume or None, its checkpoint or None).
 
     A resumed run takes its saved Args, except for the display-only flags given now; a missing
@@ -130,7 +132,7 @@ def resolve_resume(args, algorithm: str, extra_keys: tuple[str, ...] = ()):
     if args.resume is None:
         return args, None, None
     run_dir = args.resume
-    saved_args, _ = read_run_config(run_dir, type(args), algorithm)
+    saved_args, _ = read_run_config(run_dir, type(args), algorithm, older_runs)
     defaults = type(args)()
     ignored = [f"--{field.name.replace('_', '-')}" for field in dataclasses.fields(args)
                if field.name not in ("resume", *DISPLAY_FLAGS)

@@ -124,16 +124,26 @@ def resolve(name: str) -> Task:
     short = re.sub(r"-v\d+$", "", name)
     if short in ALIASES:
         return Task(name, ALIASES[short], None, detect_domain(ALIASES[short]))
-    if name in gym.registry:
+    if name in gym.registry and _runs_here(name):
         return Task(name, None, name, detect_domain(name))
     raise UserError(_unknown_name_message(name, short))
 
 
+def _runs_here(env_id: str) -> bool:
+    """False for registered ids this stack cannot make: the MuJoCo v2/v3 envs (they need the
+    retired mujoco_py) and the shims for old Gym."""
+    entry_point = gym.registry[env_id].entry_point
+    return isinstance(entry_point, str) and not entry_point.startswith(
+        ("gymnasium_robotics.envs.mujoco.", "shimmy.")) and "MujocoPy" not in entry_point
+
+
 def _unknown_name_message(name: str, short: str) -> str:
     message = f"unknown --env {name!r}."
+    if name in gym.registry:
+        message = f"--env {name} needs mujoco_py (MuJoCo envs before v4), which does not run on MuJoCo 3."
     if any(short.endswith(kind) for kind in _NOT_IN_MINARI):
         message += " Minari has no D4RL random / medium-replay / medium-expert / binary datasets."
-    candidates = [*ALIASES, *_local_ids(), *gym.registry]
+    candidates = [*ALIASES, *_local_ids(), *(env_id for env_id in gym.registry if _runs_here(env_id))]
     close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
     if close:
         message += " Closest names: " + ", ".join(close) + "."
@@ -423,10 +433,13 @@ def env_factory(task: Task, dataset=None):
 
     def make():
         register_robotics_envs()
-        if dataset is not None:
-            env = dataset.recover_environment(eval_env=True, **overrides)
-        else:
-            env = gym.make(task.env_id, **overrides)
+        try:
+            if dataset is not None:
+                env = dataset.recover_environment(eval_env=True, **overrides)
+            else:
+                env = gym.make(task.env_id, **overrides)
+        except gym.error.DependencyNotInstalled as error:
+            raise UserError(f"the environment of --env {task.name} cannot be made here: {error.args[0]}") from None
         return FlatEnv(AntMazeSuccess(env) if antmaze else env, task.domain)
 
     return make

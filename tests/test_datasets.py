@@ -216,3 +216,22 @@ def test_infinite_horizon_returns_continue_an_unterminated_trajectory():
     terminated = np.array([False, True])
     np.testing.assert_allclose(datasets.returns_to_go(rewards, ends, 0.5, terminated=terminated,
                                                       infinite_horizon=True), [2.0, 2.0])
+
+
+def test_suggestions_name_only_envs_that_run_here():
+    with pytest.raises(UserError) as error:
+        datasets.resolve("halfcheetah-medium-expert-v2")
+    message = str(error.value)
+    assert "halfcheetah-medium" in message
+    assert "HalfCheetah-v2" not in message and "HalfCheetah-v3" not in message  # mujoco_py envs
+    with pytest.raises(UserError, match=r"HalfCheetah-v2 needs mujoco_py.*Closest names: HalfCheetah-v5"):
+        datasets.resolve("HalfCheetah-v2")
+
+
+def test_a_missing_simulator_dependency_is_one_message(monkeypatch):
+    def make(*args, **kwargs):
+        raise gym.error.DependencyNotInstalled("No module named 'mujoco_py'")
+
+    monkeypatch.setattr(datasets.gym, "make", make)
+    with pytest.raises(UserError, match="cannot be made here: No module named 'mujoco_py'"):
+        datasets.env_factory(datasets.Task("Hopper-v5", None, "Hopper-v5", "locomotion"))()

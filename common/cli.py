@@ -36,6 +36,9 @@ def run_cli(main: Callable[[ArgsT], object], args_type: type[ArgsT], description
     except RunStopped as stop:
         print(stop, file=sys.stderr)
         sys.exit(EXIT_STOPPED)
+    except KeyboardInterrupt:  # before the training loop (loading data, compiling): nothing was saved
+        print("interrupted before training started; nothing was saved.", file=sys.stderr)
+        sys.exit(130)
 
 
 def check(condition: bool, message: str) -> None:

@@ -9,8 +9,8 @@
   * `Session`: what a training loop asks of its run besides the algorithm: evaluations, reset
     seeds, when a checkpoint is due (every `--checkpoint-every` steps or `--checkpoint-minutes`
     minutes, whichever comes first), SIGINT / SIGTERM (finish the step, checkpoint, print the
-    resume command, exit with `cli.EXIT_STOPPED`; a second Ctrl-C exits at once, and a resume
-    command is printed only when a checkpoint exists), and the closing summary line.
+    resume command, exit with `cli.EXIT_STOPPED`; a second Ctrl-C ends the process at once,
+    printing nothing), and the closing summary line.
 """
 
 from __future__ import annotations
@@ -243,7 +243,8 @@ class Stopped(Exception):
 
 class StopSignals:
     """SIGINT and SIGTERM (what schedulers send before a kill) set `received` instead of killing
-    the run; the loop checkpoints at its next safe point. A second SIGINT stops at once."""
+    the run; the loop checkpoints at its next safe point. After the first signal SIGINT is the
+    system's again, so a second Ctrl-C ends the process at once, even inside a long jitted call."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -252,11 +253,10 @@ class StopSignals:
         self._previous = {}
 
     def _handle(self, number, frame):
-        if self.received is not None and number == signal.SIGINT:
-            raise KeyboardInterrupt
         self.received = signal.Signals(number).name
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         print(f"\n{self.received} received: finishing this step, then writing a checkpoint "
-              f"(press Ctrl-C again to stop at once, losing what came after the last checkpoint).", flush=True)
+              f"(press Ctrl-C again to stop at once, without saving).", flush=True)
 
     def __enter__(self):
         for number in self.SIGNALS:
@@ -326,13 +326,6 @@ class Session:
                 self._close()
                 raise RunStopped(f"stopped by {self.stops.received}; checkpoint written. Continue with:\n  "
                                  f"{resume_command(self.algorithm, self.run_dir)}") from None
-            except KeyboardInterrupt:
-                self._close()
-                if os.path.isfile(os.path.join(self.run_dir, CHECKPOINT_FILE)):
-                    raise UserError("interrupted at once: what came after the last checkpoint is lost. Continue "
-                                    f"with:\n  {resume_command(self.algorithm, self.run_dir)}") from None
-                raise UserError("interrupted at once, before the first checkpoint: nothing to resume; "
-                                f"start the run again (its folder {self.run_dir} can be deleted).") from None
         self._close()
 
     def _close(self) -> None:

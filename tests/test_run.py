@@ -127,13 +127,14 @@ def test_checkpoint_file_mode_follows_the_umask(tmp_path):
     assert mode == 0o644
 
 
-def test_sigterm_is_recorded_and_second_sigint_stops_at_once():
+def test_sigterm_is_recorded_and_hands_sigint_back_to_the_system():
+    previous = signal.getsignal(signal.SIGINT)
     with run.StopSignals() as stops:
+        assert signal.getsignal(signal.SIGINT) == stops._handle
         os.kill(os.getpid(), signal.SIGTERM)
         assert stops.received == "SIGTERM"
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGTERM) is not stops._handle  # handlers restored
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL  # a second Ctrl-C ends the process at once
+    assert signal.getsignal(signal.SIGINT) == previous and signal.getsignal(signal.SIGTERM) != stops._handle
 
 
 class FakeLogger:

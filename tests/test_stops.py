@@ -1,0 +1,147 @@
+"""Nothing lost on a stop, for every script: SIGTERM / SIGINT write a checkpoint and exit with 3
+and a resume command that works, time-triggered checkpoints resume exactly after a SIGKILL, a
+second Ctrl-C ends the process at once; and what a finished run leaves: the summary line and
+the learning-curve PNG; display-only flags apply on resume."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tyro
+
+from algorithms import calql, cql, iql, rlpd
+from common import checkpoint
+from common.cli import EXIT_STOPPED
+from common.logger import CHECKPOINT_FILE, CURVE_FILE, read_evaluations
+from tests.conftest import REPO, TINY_RUN, kill_after_checkpoint, run_script, scores
+
+TINY = {
+    rlpd: TINY_RUN,
+    iql: ["--hidden-dims", "64", "64", "--batch-size", "64", "--eval-episodes", "2", "--no-progress"],
+    cql: ["--actor-hidden-dims", "64", "64", "--critic-hidden-dims", "64", "64", "--batch-size", "64",
+          "--cql-n-actions", "4", "--eval-episodes", "2", "--no-progress"],
+}
+TINY[calql] = TINY[cql]
+
+
+def start(module, flags, log_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, f"algorithms/{module.ALGORITHM}.py", *flags, "--log-dir", str(log_dir)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_evaluations(log_dir: Path, count: int, process: subprocess.Popen, timeout: float = 120) -> Path:
+    """The run folder, once it holds `count` evaluations (the training loop is then running)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        folders = list(log_dir.glob("*/config.json"))
+        if folders and len(read_evaluations(folders[0].parent)) >= count:
+            return folders[0].parent
+        time.sleep(0.05)
+    raise AssertionError(f"the run ended or stalled before its evaluation {count}: {process.communicate()}")
+
+
+# Offline phases are stopped at the end of an update chunk, where the state is complete: the
+# resumed run must equal an uninterrupted one. One signal per script keeps the suite short.
+@pytest.mark.parametrize("module, stop", [(rlpd, signal.SIGINT), (iql, signal.SIGTERM), (cql, signal.SIGTERM),
+                                          (calql, signal.SIGINT)], ids=["rlpd", "iql", "cql", "calql"])
+def test_a_stop_signal_checkpoints_and_the_resumed_run_matches(module, stop, tiny_pointmaze, tmp_path):
+    flags = ["--env", tiny_pointmaze, "--offline-steps", "800", "--online-steps", "0", "--log-every", "50",
+             "--eval-every", "400", *TINY[module]]
+    reference = module.main(tyro.cli(module.Args, args=[*flags, "--log-dir", str(tmp_path / "full")]))
+
+    process = start(module, flags, tmp_path / "stopped")
+    run_dir = wait_for_evaluations(tmp_path / "stopped", 1, process)
+    process.send_signal(stop)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == EXIT_STOPPED, err
+    assert f"--resume {run_dir}" in err and "Summary:" in out
+    payload = checkpoint.load(str(run_dir / CHECKPOINT_FILE))
+    assert 0 < payload["progress"]["offline_step"] < 800 and not payload["progress"]["finished"]
+
+    command = err.split("Continue with:")[1].split()  # the printed command, run as printed
+    resumed = subprocess.run([sys.executable, *command[1:]], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert scores(run_dir) == scores(reference)
+
+
+def test_time_triggered_checkpoints_resume_exactly_after_sigkill(tiny_pointmaze, tmp_path):
+    # No step-scheduled checkpoint before the end: every checkpoint here is triggered by the clock,
+    # at an episode end (every 300 steps), the first inside the random-action phase.
+    flags = ["--env", tiny_pointmaze, "--online-steps", "1500", "--start-training", "450",
+             "--checkpoint-every", "1000000", "--checkpoint-minutes", "0.0001", *TINY_RUN]
+    reference = rlpd.main(tyro.cli(rlpd.Args, args=[*flags, "--log-dir", str(tmp_path / "full")]))
+    run_dir = kill_after_checkpoint("rlpd.py", flags, tmp_path / "killed",
+                                    ready=lambda payload: payload["progress"]["online_step"] >= 300)
+    assert len(scores(run_dir)) < len(scores(reference))
+    rlpd.main(rlpd.Args(resume=str(run_dir)))
+    assert scores(run_dir) == scores(reference)
+
+
+def test_a_stop_mid_trajectory_keeps_the_owed_updates(tiny_pointmaze, tmp_path):
+    """Cal-QL updates after each trajectory; a stop cuts the trajectory, saves its rows with the
+    updates they are owed, and the resumed run does them: no update lost or repeated."""
+    flags = ["--env", tiny_pointmaze, "--offline-steps", "0", "--online-steps", "900", "--eval-every", "300",
+             "--utd", "2", *TINY[calql]]
+    process = start(calql, flags, tmp_path)
+    run_dir = wait_for_evaluations(tmp_path, 1, process)
+    time.sleep(1.0)  # inside the first trajectory (the first updates come after 300 steps)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == EXIT_STOPPED, err
+    progress = checkpoint.load(str(run_dir / CHECKPOINT_FILE))["progress"]
+    assert 0 < progress["online_step"] < 900 and progress["pending_updates"] > 0
+
+    calql.main(calql.Args(resume=str(run_dir)))
+    payload = checkpoint.load(str(run_dir / CHECKPOINT_FILE))
+    assert payload["progress"]["finished"] and payload["progress"]["pending_updates"] == 0
+    assert len(payload["online_rows"]["rewards"]) == 900
+    assert int(payload["agent"]["critic"]["step"]) == 2 * 900  # utd x every online step, exactly once
+    assert [r["step"] for r in read_evaluations(run_dir)] == [0, 300, 600, 900]
+
+
+def test_a_second_ctrl_c_ends_the_process_at_once(tiny_pointmaze, tmp_path):
+    flags = ["--env", tiny_pointmaze, "--offline-steps", "1000000", "--online-steps", "0", "--log-every", "100000",
+             *TINY[cql]]
+    process = start(cql, flags, tmp_path)
+    run_dir = wait_for_evaluations(tmp_path, 1, process)
+    time.sleep(0.5)  # inside a 100k-update jitted chunk, minutes long
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=10)
+    assert process.returncode == -signal.SIGINT
+    assert not (run_dir / CHECKPOINT_FILE).exists()
+
+
+def test_a_finished_run_prints_its_summary_and_draws_its_curve(tiny_pointmaze, tmp_path):
+    result = run_script("iql.py", "--env", tiny_pointmaze, "--offline-steps", "200", "--online-steps", "0",
+                        "--eval-every", "100", "--log-dir", str(tmp_path), *TINY[iql])
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = tmp_path.iterdir()
+    assert result.stdout.index(f"Run folder: {run_dir}") < result.stdout.index("[offline step 0]")
+    final = read_evaluations(run_dir)[-1]
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary.startswith(f"Summary: final success rate {final['success_rate']:.2f}")
+    assert f"final normalized score {final['normalized_score']:.1f}" in summary
+    assert summary.endswith(f"200 steps, 0:00:{summary.split('steps, 0:00:')[1][:2]} wall time, run folder {run_dir}")
+    assert (run_dir / CURVE_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_display_flags_apply_on_resume(tiny_pointmaze, tmp_path):
+    flags = ["--env", tiny_pointmaze, "--offline-steps", "3000", "--online-steps", "0", "--log-every", "50",
+             "--eval-every", "1000", *[flag for flag in TINY[iql] if flag != "--no-progress"]]
+    process = start(iql, flags, tmp_path)
+    wait_for_evaluations(tmp_path, 1, process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == EXIT_STOPPED and "step/s" in err  # the bar was shown
+    run_dir = err.split("--resume ")[1].split()[0]
+    result = run_script("iql.py", "--resume", run_dir, "--no-progress", "--seed", "3", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "step/s" not in result.stderr  # --no-progress applies on resume
+    assert "ignored: --seed." in result.stdout  # other flags do not

@@ -205,3 +205,12 @@ def test_import_has_no_side_effects():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
+
+
+def test_command_line_prints_no_gymnasium_robotics_notice(minari_root):
+    result = subprocess.run([sys.executable, "benchmarks/build_dataset.py", "pointmaze", "--num-steps", "200",
+                             "--ref-episodes", "1"], cwd=os.path.dirname(os.path.dirname(__file__)),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Wrote local/pointmaze/umaze-v0" in result.stdout
+    assert "reward functions were updated" not in result.stderr

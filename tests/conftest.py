@@ -133,3 +133,109 @@ def run_script(script: str, *args: str, timeout: float = 120, **popen) -> subpro
     """Run `python algorithms/<script> args...` from the repository root."""
     return subprocess.run([sys.executable, str(REPO / "algorithms" / script), *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, **popen)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stand-ins for the online loops' environment, logger and evaluator (tests of what a phase loop
+# stores and how many updates it runs, without simulators or run folders).
+
+
+class ScriptedEnv:
+    """A Gymnasium-like env whose every step follows `script`: one (reward, terminated, truncated)
+    per environment step over the whole run, episodes included. The observation after the t-th
+    step of the run is a vector full of t, so stored rows can be matched to steps."""
+
+    def __init__(self, script, observation_dim: int, action_dim: int):
+        import gymnasium as gym
+        import numpy as np
+
+        self.script, self.t = list(script), 0
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (observation_dim,), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (action_dim,), np.float32)
+        self.actions = []
+
+    def observation(self):
+        import numpy as np
+
+        return np.full(self.observation_space.shape, float(self.t), np.float32)
+
+    def reset(self, seed=None):
+        return self.observation(), {}
+
+    def step(self, action):
+        reward, terminated, truncated = self.script[self.t]
+        self.actions.append(action)
+        self.t += 1
+        return self.observation(), reward, terminated, truncated, {}
+
+    def close(self):
+        pass
+
+
+class NullLogger:
+    """RunLogger's interface, keeping only the evaluations' steps."""
+
+    def __init__(self):
+        self.evaluations = []
+
+    def scalars(self, metrics, step):
+        pass
+
+    def evaluation(self, step, phase, metrics):
+        self.evaluations.append((step, phase))
+
+    def advance(self, steps=1):
+        pass
+
+    def steps_per_second(self):
+        return 0.0
+
+    def sync(self):
+        pass
+
+    def elapsed(self):
+        return 0.0
+
+    def new_phase(self, phase):
+        pass
+
+    def summary(self):
+        return ""
+
+    def close(self):
+        pass
+
+
+def quiet_session(algorithm: str, args, run_dir, evaluator):
+    """The run harness's Session with a NullLogger and `evaluator`, for driving a phase loop
+    directly; `args` should set checkpoint_every and checkpoint_minutes out of reach."""
+    from common import run as harness
+
+    return harness.Session(algorithm, args, str(run_dir), harness.Progress(next_checkpoint=args.checkpoint_every),
+                           NullLogger(), evaluator)
+
+
+class RecordingEvaluator:
+    """Evaluator's interface: applies the evaluation policy to `observations` and keeps its actions."""
+
+    def __init__(self, observations):
+        self.observations, self.actions = observations, []
+
+    def __call__(self, policy, seed):
+        import numpy as np
+
+        self.actions.append(np.asarray(policy(self.observations)))
+        return {"return": 0.0}
+
+    def close(self):
+        pass
+
+
+def strong_types(tree):
+    """The pytree with every leaf a strongly typed array. A fresh agent holds Python ints (step
+    counters) and weakly typed scalars that its first updates turn strong, and each change costs
+    the jitted step functions one more compilation; tests that call them a few times skip that."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree_util.tree_map(lambda leaf: jnp.array(leaf, dtype=jnp.asarray(leaf).dtype), tree)

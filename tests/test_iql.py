@@ -238,3 +238,100 @@ def test_iql_learns_pointmaze_offline(learning_pointmaze, tmp_path):
     assert final["step"] == 20_000 and final["return"] > first["return"]
     assert final["return"] >= max(1.8 * random_return, random_return + 45), (final, random_return)
     assert final["success_rate"] >= 0.8
+
+
+# ---------------------------------------------------------------------------------------------
+# Actor dropout, the fine-tuning buffer's sampling, and the online rows (issue 7)
+
+
+def test_actor_dropout_only_while_training():
+    """With dropout 0.5: the evaluation policy and exploration use the whole network (the same
+    output every call, equal to the dropout-free network's); the AWR loss draws a dropout mask
+    from its key (different keys, different losses)."""
+    args = dataclasses.replace(setup()[0], dropout_rate=0.5)
+    config = iql.make_config(args, ACT)
+    agent = iql.create_agent(args, config, OBS, ACT)
+    no_dropout = iql.make_config(dataclasses.replace(args, dropout_rate=0.0), ACT)
+    data = batch()
+    mean, log_std = no_dropout.actor.apply({"params": agent.actor.params}, data["observations"])
+
+    policy = iql.deterministic_policy(config)
+    np.testing.assert_array_equal(policy(agent.actor.params, data["observations"]), mean)
+    np.testing.assert_array_equal(policy(agent.actor.params, data["observations"]), mean)
+    _, action = iql.act(agent, data["observations"], config)
+    _, action_key = jax.random.split(agent.key)
+    expected = jnp.clip(mean + jnp.exp(log_std) * jax.random.normal(action_key, mean.shape), -1.0, 1.0)
+    np.testing.assert_allclose(action, expected, rtol=1e-6, atol=1e-6)
+
+    advantages = jnp.linspace(-0.5, 0.5, B)
+    losses = [float(iql.actor_loss(agent.actor.params, jax.random.PRNGKey(k), data, advantages, config)[0])
+              for k in (0, 0, 1, 2)]
+    assert losses[0] == losses[1]  # the key alone decides the mask
+    assert len({round(loss, 6) for loss in losses[1:]}) == 3
+    plain = float(iql.actor_loss(agent.actor.params, jax.random.PRNGKey(0), data, advantages, no_dropout)[0])
+    assert all(abs(loss - plain) > 1e-4 for loss in losses)
+
+
+@pytest.mark.parametrize("n_first, n_second", [(300, 100), (50, 450)])
+def test_sample_union_draws_offline_and_online_rows_in_proportion_to_their_counts(n_first, n_second):
+    """200k rows from a full offline buffer and an online buffer filled to a fraction of its
+    capacity: the online share is n_second / (n_first + n_second) within 0.006 (5 binomial standard
+    deviations; a share from capacities, or half and half, is 0.15 or more away), every filled row
+    is drawn, no unfilled row is."""
+    from common import buffers
+
+    first = buffers.from_arrays({"source": np.full(n_first, 1.0, np.float32),
+                                 "index": np.arange(n_first, dtype=np.float32)})
+    second = buffers.empty_like({"source": np.float32(0), "index": np.float32(0)}, 1000)
+    second = buffers.insert_rows(second, {"source": np.full(n_second, 2.0, np.float32),
+                                          "index": np.arange(n_second, dtype=np.float32)})
+    rows = jax.jit(buffers.sample_union, static_argnums=3)(jax.random.PRNGKey(0), first, second, (200_000,))
+    source, index = np.asarray(rows["source"]), np.asarray(rows["index"])
+    assert set(np.unique(source)) == {1.0, 2.0}  # never an unfilled row (source 0)
+    share = float((source == 2.0).mean())
+    assert abs(share - n_second / (n_first + n_second)) < 0.006, share
+    assert set(np.unique(index[source == 1.0])) == set(range(n_first))
+    assert set(np.unique(index[source == 2.0])) == set(range(n_second))
+
+
+def test_online_rows_get_the_dataset_reward_transform_and_masks_from_terminations(tmp_path):
+    """Eight online steps whose raw rewards are those of a small locomotion dataset: each online
+    row's reward equals the dataset row's after IQL's transform (1000 / return span, here with an
+    explicit bias -1 too), and the mask is 0 only at the termination (step 3), not at the
+    time-limit truncation (step 6)."""
+    import gymnasium as gym
+
+    from common import buffers, datasets
+    from tests.conftest import RecordingEvaluator, ScriptedEnv, quiet_session, strong_types
+
+    raw = np.array([0.5, 1.0, 2.0, 0.25, 3.0, 1.5, 0.75, 2.5], np.float32)
+    terminated = np.array([0, 0, 1, 0, 0, 0, 0, 0], bool)
+    episode_ends = np.array([0, 0, 1, 0, 0, 1, 0, 1], bool)
+    observations = np.arange(8, dtype=np.float32)[:, None].repeat(OBS, 1)
+    transitions = {"observations": observations, "actions": np.zeros((8, ACT), np.float32), "rewards": raw,
+                   "next_observations": observations + 1, "terminated": terminated, "truncated": episode_ends & ~terminated,
+                   "episode_ends": episode_ends}
+    args = dataclasses.replace(setup()[0], hidden_dims=(8,), batch_size=4, utd=1, offline_steps=0, online_steps=8,
+                               eval_every=1000, log_every=1000, checkpoint_every=10**9, checkpoint_minutes=1e9,
+                               reward_bias=-1.0)
+    args = iql.resolve_reward_transform(args, "locomotion", transitions)
+    assert args.reward_scale == pytest.approx(1000 / (4.75 - 3.25)) and args.reward_bias == -1.0  # returns 3.5, 4.75, 3.25
+    rows = iql.offline_rows(transitions, gym.spaces.Box(-1.0, 1.0, (ACT,)), args)
+
+    config = iql.make_config(args, ACT)
+    agent = strong_types(iql.create_agent(args, config, OBS, ACT))
+    offline = buffers.from_arrays(rows)
+    online = buffers.empty_like({key: value[0] for key, value in rows.items()}, args.online_steps)
+    script = [(float(r), bool(t), bool(e and not t)) for r, t, e in zip(raw, terminated, episode_ends)]
+    task = datasets.Task("locomotion-test", "local/test-v0", None, "locomotion")
+    online_step, offline_chunk, first_action = iql.make_step_functions(args, config)
+    session = quiet_session(iql.ALGORITHM, args, tmp_path, RecordingEvaluator(np.zeros((1, OBS))))
+    run = iql.Run(args=args, task=task, session=session, env=ScriptedEnv(script, OBS, ACT), offline=offline,
+                  online=online, agent=agent, action=None, policy=iql.deterministic_policy(config),
+                  online_step=online_step, offline_chunk=offline_chunk, first_action=first_action)
+    iql.online_phase(run)
+    online_rows = buffers.filled_rows(run.online)
+    np.testing.assert_array_equal(online_rows["observations"][:, 0], np.arange(8))
+    np.testing.assert_allclose(online_rows["rewards"], rows["rewards"], rtol=1e-6)
+    np.testing.assert_array_equal(online_rows["masks"], [1, 1, 0, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(online_rows["masks"], rows["masks"])

@@ -34,7 +34,7 @@ def minari_session_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pointmaze(minari_session_root) -> str:
     """A real (simulated) 3000-step PointMaze UMaze dataset; returns its id."""
-    from benchmarks.build_dataset import build_pointmaze
+    from common.builders import build_pointmaze
 
     dataset_id = "local/pointmaze/umaze-dense-v0"
     build_pointmaze("umaze", dense=True, num_steps=3000, seed=0, dataset_id=dataset_id, ref_episodes=5)
@@ -44,7 +44,7 @@ def tiny_pointmaze(minari_session_root) -> str:
 @pytest.fixture(scope="session")
 def learning_pointmaze(minari_session_root) -> str:
     """A real 50k-step PointMaze UMaze dataset for the offline learning checks; returns its id."""
-    from benchmarks.build_dataset import build_pointmaze
+    from common.builders import build_pointmaze
 
     dataset_id = "local/pointmaze/umaze-dense-learning-v0"
     build_pointmaze("umaze", dense=True, num_steps=50_000, seed=1, dataset_id=dataset_id, ref_episodes=5)

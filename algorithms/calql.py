@@ -69,7 +69,7 @@ online steps, 20 episodes) is left to `--eval-every` / `--eval-episodes`.
 Usage:
   python algorithms/calql.py                                   # local PointMaze data, built on first use
   python algorithms/calql.py --env antmaze-large               # D4RL/antmaze/large-diverse-v1, 1M + 1M
-  python algorithms/calql.py --env antmaze-large --num-qs 10 --num-min-qs 2 --layer-norm --online-steps 0
+  python algorithms/calql.py --env antmaze-large --num-qs 10 --num-min-qs 2 --layer-norm True --online-steps 0
                                                                # WSRL's pre-training
   python algorithms/calql.py --resume runs/calql__...          # continue a stopped run
 """
@@ -87,6 +87,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tyro
 from flax import struct
 from flax.training.train_state import TrainState
 
@@ -100,6 +101,7 @@ from common.cli import check, run_cli
 ALGORITHM = "calql"
 
 
+@tyro.conf.configure(tyro.conf.FlagConversionOff)  # every boolean flag takes a value: --progress False
 @dataclasses.dataclass
 class Args:
     """Cal-QL (Nakamoto et al. 2023), offline then online. Flags marked [preset] take the domain's
@@ -401,8 +403,9 @@ def create_agent(args: Args, config: Config, observation_dim: int, action_dim: i
         return TrainState.create(apply_fn=module.apply, params=module.init(key)["params"], tx=optax.adam(lr))
 
     target_params = jax.tree_util.tree_map(jnp.copy, critic_params)  # own buffers: the state is donated
-    return Agent(actor, critic, target_params, scalar(args.init_temperature, temperature_lr),
+    agent = Agent(actor, critic, target_params, scalar(args.init_temperature, temperature_lr),
                  scalar(float(np.e), args.alpha_prime_lr), key)  # log alpha' starts at 1
+    return harness.strongly_typed(agent)  # no recompilation when the first update fixes the dtypes
 
 
 def scalar_value(state: TrainState):

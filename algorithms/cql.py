@@ -107,6 +107,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tyro
 from flax import struct
 from flax.training.train_state import TrainState
 
@@ -120,6 +121,7 @@ from common.cli import check, run_cli
 ALGORITHM = "cql"
 
 
+@tyro.conf.configure(tyro.conf.FlagConversionOff)  # every boolean flag takes a value: --progress False
 @dataclasses.dataclass
 class Args:
     """CQL (Kumar et al. 2020), offline then online. Flags marked [preset] take the domain's
@@ -442,8 +444,9 @@ def create_agent(args: Args, config: Config, observation_dim: int, action_dim: i
         return TrainState.create(apply_fn=module.apply, params=module.init(key)["params"], tx=optax.adam(lr))
 
     target_params = jax.tree_util.tree_map(jnp.copy, critic_params)  # own buffers: the state is donated
-    return Agent(actor, critic, target_params, scalar(args.init_temperature, temperature_lr),
+    agent = Agent(actor, critic, target_params, scalar(args.init_temperature, temperature_lr),
                  scalar(1.0 if args.recipe == "rlkit" else float(np.e), args.alpha_prime_lr), key)  # log alpha' 0 or 1
+    return harness.strongly_typed(agent)  # no recompilation when the first update fixes the dtypes
 
 
 def scalar_value(state: TrainState):

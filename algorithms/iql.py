@@ -110,6 +110,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tyro
 from flax import struct
 from flax.training.train_state import TrainState
 
@@ -125,6 +126,7 @@ MAX_WEIGHT = 100.0  # cap on the AWR weights exp(beta * advantage) (official act
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # bounds of the policy's log-std (official learner.py / policy.py)
 
 
+@tyro.conf.configure(tyro.conf.FlagConversionOff)  # every boolean flag takes a value: --progress False
 @dataclasses.dataclass
 class Args:
     """IQL (Kostrikov et al. 2021). Flags marked [preset] take the domain's preset unless given:
@@ -370,7 +372,8 @@ def create_agent(args: Args, config: Config, observation_dim: int, action_dim: i
     value = TrainState.create(apply_fn=config.value.apply, tx=optax.adam(args.value_lr),
                               params=config.value.init(value_key, observations)["params"])
     target_params = jax.tree_util.tree_map(jnp.copy, critic_params)  # own buffers: the state is donated
-    return Agent(actor, critic, value, target_params, key)
+    agent = Agent(actor, critic, value, target_params, key)
+    return harness.strongly_typed(agent)  # no recompilation when the first update fixes the dtypes
 
 
 def expectile_loss(diff, expectile):

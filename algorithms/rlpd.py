@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tyro
 from flax import struct
 from flax.training.train_state import TrainState
 
@@ -68,6 +69,7 @@ from common.cli import UserError, check, run_cli
 ALGORITHM = "rlpd"
 
 
+@tyro.conf.configure(tyro.conf.FlagConversionOff)  # every boolean flag takes a value: --progress False
 @dataclasses.dataclass
 class Args:
     """RLPD (Ball et al. 2023). Flags marked [preset] take the domain's preset unless given:
@@ -286,7 +288,8 @@ def create_agent(args: Args, config: Config, observation_dim: int, action_dim: i
     temperature = TrainState.create(apply_fn=temperature_module.apply, tx=optax.adam(args.temp_lr),
                                     params=temperature_module.init(temp_key)["params"])
     target_params = jax.tree_util.tree_map(jnp.copy, critic_params)  # own buffers: the state is donated
-    return Agent(actor, critic, target_params, temperature, key)
+    agent = Agent(actor, critic, target_params, temperature, key)
+    return harness.strongly_typed(agent)  # no recompilation when the first update fixes the dtypes
 
 
 def td_target(key, batch, actor_params, target_params, temperature, config: Config):

@@ -214,6 +214,13 @@ def load_agent_state(run_dir: str, agent):
     return serialization.from_state_dict(agent, read_checkpoint(run_dir)["agent"])
 
 
+def strongly_typed(tree):
+    """`tree` with every leaf a strongly typed array. A fresh agent holds Python ints (optimizer
+    step counters) and weakly typed scalars that its first updates turn strong; each such change
+    would cost the jitted step functions one more compilation."""
+    return jax.tree_util.tree_map(lambda leaf: jax.numpy.asarray(leaf, jax.numpy.result_type(leaf)), tree)
+
+
 def rng_state(rng: np.random.Generator) -> str:
     return json.dumps(rng.bit_generator.state)
 

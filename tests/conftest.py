@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Small settings that keep an end-to-end run to seconds on a 2-core CPU.
 TINY_RUN = ["--utd", "2", "--batch-size", "64", "--hidden-dims", "64", "64", "--start-training", "100",
-            "--eval-every", "100", "--eval-episodes", "2", "--no-progress"]
+            "--eval-every", "100", "--eval-episodes", "2", "--progress", "False"]
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ def test_iql_and_common_alone_make_a_working_copy(tiny_pointmaze, tmp_path):
     result = subprocess.run(
         [sys.executable, "algorithms/iql.py", "--env", tiny_pointmaze, "--offline-steps", "100", "--online-steps",
          "50", "--eval-every", "50", "--eval-episodes", "2", "--hidden-dims", "32", "32", "--batch-size", "32",
-         "--no-progress", "--log-dir", str(tmp_path / "runs")],
+         "--progress", "False", "--log-dir", str(tmp_path / "runs")],
         cwd=project, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "Summary:" in result.stdout and "150 steps" in result.stdout

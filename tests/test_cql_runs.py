@@ -17,7 +17,7 @@ from tests.conftest import (field_docstrings, kill_after_checkpoint, random_poli
 
 MODULES = pytest.mark.parametrize("module", [cql, calql], ids=["cql", "calql"])
 TINY = ["--actor-hidden-dims", "64", "64", "--critic-hidden-dims", "64", "64", "--batch-size", "64",
-        "--cql-n-actions", "4", "--eval-every", "200", "--eval-episodes", "2", "--log-every", "100", "--no-progress"]
+        "--cql-n-actions", "4", "--eval-every", "200", "--eval-episodes", "2", "--log-every", "100", "--progress", "False"]
 
 
 def script(module) -> str:
@@ -100,7 +100,7 @@ def test_bad_input_gets_one_message_and_exit_2(module, flags, message, tmp_path)
 
 
 def test_cql_rejects_an_entropy_term_with_its_max_backup(tmp_path):
-    result = run_script("cql.py", "--log-dir", str(tmp_path), "--max-target-backup", "True", "--backup-entropy")
+    result = run_script("cql.py", "--log-dir", str(tmp_path), "--max-target-backup", "True", "--backup-entropy", "True")
     assert result.returncode == 2 and "drop --backup-entropy" in result.stderr
 
 
@@ -119,7 +119,7 @@ def test_checkpoint_loads_for_later_scripts(module, tiny_pointmaze, tmp_path):
     here for WSRL's pre-training network: 10 LayerNorm critics, min over 2."""
     run_dir = module.main(tyro.cli(module.Args, args=[
         "--env", tiny_pointmaze, "--offline-steps", "50", "--online-steps", "0", "--num-qs", "10",
-        "--num-min-qs", "2", "--layer-norm", "--log-dir", str(tmp_path), *TINY]))
+        "--num-min-qs", "2", "--layer-norm", "True", "--log-dir", str(tmp_path), *TINY]))
     agent, config, saved = module.load_agent(run_dir)
     assert config.num_qs == 10 and config.num_min_qs == 2 and saved["layer_norm"]
     critic_leaves = [leaf.shape[0] for leaf in __import__("jax").tree_util.tree_leaves(agent.critic.params)]
@@ -139,7 +139,7 @@ def test_offline_policy_beats_random_on_pointmaze(module, learning_pointmaze, tm
     run_dir = module.main(tyro.cli(module.Args, args=[
         "--env", learning_pointmaze, "--offline-steps", "8000", "--online-steps", "0", "--actor-hidden-dims", "128",
         "128", "--critic-hidden-dims", "128", "128", "--batch-size", "128", "--cql-n-actions", "4",
-        "--eval-every", "2000", "--eval-episodes", "10", "--no-progress", "--log-dir", str(tmp_path)]))
+        "--eval-every", "2000", "--eval-episodes", "10", "--progress", "False", "--log-dir", str(tmp_path)]))
     late = [record for record in read_evaluations(run_dir) if record["step"] >= 4000]
     assert len(late) == 3
     random_return = random_policy_return(learning_pointmaze, episodes=10)

@@ -17,7 +17,7 @@ from common.logger import CHECKPOINT_FILE, read_evaluations
 from tests.conftest import kill_after_checkpoint, random_policy_return, run_script, scalar_steps, scores
 
 OBS, ACT, B = 5, 2, 32
-TINY = ["--hidden-dims", "64", "64", "--batch-size", "64", "--eval-episodes", "2", "--log-every", "50", "--no-progress"]
+TINY = ["--hidden-dims", "64", "64", "--batch-size", "64", "--eval-episodes", "2", "--log-every", "50", "--progress", "False"]
 
 
 def setup(expectile=0.7, beta=3.0, seed=0):

@@ -197,3 +197,20 @@ def test_progress_rate_after_a_phase_change_reflects_the_new_phase(tmp_path, mon
     rate = run_logger.bar.format_dict["rate"] or run_logger.bar.format_dict["n"] / run_logger.bar.format_dict["elapsed"]
     run_logger.close()
     assert rate == pytest.approx(2.0, rel=0.3)
+
+
+@pytest.mark.parametrize("script", ["rlpd", "iql", "cql", "calql"])
+def test_every_boolean_flag_takes_a_value(script):
+    import importlib
+
+    import tyro
+
+    module = importlib.import_module(f"algorithms.{script}")
+    booleans = [field.name for field in dataclasses.fields(module.Args) if "bool" in str(field.type)]
+    assert "progress" in booleans
+    for name in booleans:
+        flag = "--" + name.replace("_", "-")
+        parsed = tyro.cli(module.Args, args=[flag, "False"])
+        assert getattr(parsed, name) is False, name
+        with pytest.raises(SystemExit):  # no bare switch and no --no- twin: one style everywhere
+            tyro.cli(module.Args, args=["--no-" + flag[2:]])

@@ -35,7 +35,7 @@ step; on Kitchen an unterminated trajectory keeps its last reward forever (the c
   * Networks (JaxCQL with orthogonal_init): ReLU MLPs; hidden layers orthogonal (gain sqrt 2),
     output layers orthogonal with gain 1e-2; tanh-Gaussian actor whose log-std is
     multiplier * head + offset (both learned, initially 1 and -1), clipped to [-20, 2].
-    `--layer-norm`, `--num-qs 10 --num-min-qs 2` give WSRL's pre-training network.
+    `--layer-norm True --num-qs 10 --num-min-qs 2` give WSRL's pre-training network.
 
 Online fine-tuning (the official loop): the policy collects one whole trajectory, which gets
 its returns-to-go and goes into the online buffer; then `utd` x (its length) updates follow,

@@ -41,7 +41,7 @@ evaluated at s, each Q minus its log-probability).
   * Networks (JaxCQL): ReLU MLPs; hidden layers with orthogonal init (gain sqrt 2); output
     layers orthogonal with gain 1e-2; tanh-Gaussian actor whose log-std is
     multiplier * head + offset (both learned, initially 1 and -1), clipped to [-20, 2].
-    `--layer-norm` adds LayerNorm after each hidden layer, and `--num-qs` / `--num-min-qs` give
+    `--layer-norm True` adds LayerNorm after each hidden layer, and `--num-qs` / `--num-min-qs` give
     a larger ensemble with a subset-min target: that is the
     pre-training network of WSRL (10 critics, min over 2).
 

@@ -375,8 +375,10 @@ def tanh_normal_log_prob(pre_tanh, noise, log_std):
 
 
 def log_prob_of(actions, mean, log_std):
-    """log pi(a|s) of given actions in (-1, 1) (dataset actions are clipped to +-(1 - 1e-5))."""
-    pre_tanh = jnp.arctanh(actions)
+    """log pi(a|s) of given actions, clipped to +-(1 - 1e-5) as the dataset's are: an online action
+    can be exactly +-1 in float32, and its infinite arctanh would make even the unused branch of
+    the actor loss's `jnp.where` give NaN gradients."""
+    pre_tanh = jnp.arctanh(jnp.clip(actions, -1.0 + 1e-5, 1.0 - 1e-5))
     return tanh_normal_log_prob(pre_tanh, (pre_tanh - mean) / jnp.exp(log_std), log_std)
 
 

@@ -72,7 +72,7 @@ def test_a_stop_signal_checkpoints_and_the_resumed_run_matches(module, stop, tin
 def test_time_triggered_checkpoints_resume_exactly_after_sigkill(tiny_pointmaze, tmp_path):
     # No step-scheduled checkpoint before the end: every checkpoint here is triggered by the clock,
     # at an episode end (every 300 steps), the first inside the random-action phase.
-    flags = ["--env", tiny_pointmaze, "--online-steps", "1500", "--start-training", "450",
+    flags = ["--env", tiny_pointmaze, "--online-steps", "900", "--start-training", "450",
              "--checkpoint-every", "1000000", "--checkpoint-minutes", "0.0001", *TINY_RUN]
     reference = rlpd.main(tyro.cli(rlpd.Args, args=[*flags, "--log-dir", str(tmp_path / "full")]))
     run_dir = kill_after_checkpoint("rlpd.py", flags, tmp_path / "killed",

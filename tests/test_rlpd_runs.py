@@ -34,6 +34,7 @@ def test_smoke_run_writes_the_run_folder(tiny_pointmaze, tmp_path):
     assert {"return", "normalized_score", "success_rate", "wall_time", "phase"} <= set(records[-1])
     assert (run_dir / CHECKPOINT_FILE).is_file()
     assert "hyperparameter" in result.stdout  # the table printed at the start
+    assert "Preset pointmaze (rlpd): ours, not a paper's" in result.stdout  # and what the preset is, and why
 
 
 def test_tensorboard_scalars_readable(tiny_pointmaze, tmp_path):

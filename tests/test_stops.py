@@ -123,6 +123,7 @@ def test_a_finished_run_prints_its_summary_and_draws_its_curve(tiny_pointmaze, t
                         "--eval-every", "100", "--log-dir", str(tmp_path), *TINY[iql])
     assert result.returncode == 0, result.stderr
     (run_dir,) = tmp_path.iterdir()
+    assert result.stdout.index("Preset pointmaze (iql): ours") < result.stdout.index(f"Run folder: {run_dir}")
     assert result.stdout.index(f"Run folder: {run_dir}") < result.stdout.index("[offline step 0]")
     final = read_evaluations(run_dir)[-1]
     summary = result.stdout.strip().splitlines()[-1]
@@ -145,3 +146,4 @@ def test_display_flags_apply_on_resume(tiny_pointmaze, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "step/s" not in result.stderr  # --progress False applies on resume
     assert "ignored: --seed." in result.stdout  # other flags do not
+    assert "Preset pointmaze" not in result.stdout  # the preset note is for new runs

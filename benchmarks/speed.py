@@ -10,6 +10,9 @@ and no dataset is needed. Results are printed as one JSON line.
 
     python benchmarks/speed.py                          # AntMaze preset, E=10, G=20, B=256
     python benchmarks/speed.py --compare-unrolled
+    python benchmarks/speed.py --calls 1 --min-seconds 5  # time calls for at least 5 s
+
+benchmarks/compare.py runs it to time this side of the RLPD comparison.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/speed.py`: make the r
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from algorithms import rlpd
+from benchmarks.reference.timing import time_calls
 from common import buffers
 
 
@@ -46,7 +50,9 @@ class SpeedArgs:
     offline_rows: int = 1_000_000
     """Rows in the offline buffer (D4RL AntMaze holds 1M)."""
     calls: int = 20
-    """Timed calls after the first (warm-up) call."""
+    """Timed calls after the first (warm-up) call (at least this many; see --min-seconds)."""
+    min_seconds: float = 0.0
+    """Keep timing calls until at least this many seconds have passed (0: exactly --calls)."""
     compare_unrolled: bool = False
     """Also measure compile time with the G critic steps unrolled in Python (official code style)."""
 
@@ -79,18 +85,20 @@ def measure(args: SpeedArgs) -> dict:
     start = time.perf_counter()
     compiled = online_step.lower(agent, online, offline, transition, transition["observations"], True).compile()
     compile_seconds = time.perf_counter() - start
-    agent, online, action, _ = compiled(agent, online, offline, transition, transition["observations"])
-    jax.block_until_ready(action)
-    start = time.perf_counter()
-    for _ in range(args.calls):  # each call waits on the last: sequential, like the training loop
+
+    def step(state):  # each call consumes the last one's agent and buffer: sequential, like the training loop
+        agent, online, _ = state
         agent, online, action, _ = compiled(agent, online, offline, transition, transition["observations"])
-    jax.block_until_ready(action)
-    seconds = time.perf_counter() - start
+        return agent, online, action
+
+    (agent, online, _), calls, seconds = time_calls(step, (agent, online, None), jax.block_until_ready,
+                                                    args.min_seconds, min_calls=args.calls)
     result = {"device": jax.devices()[0].device_kind, "domain": args.domain, "num_qs": train_args.num_qs,
               "hidden_dims": list(train_args.hidden_dims), "utd": args.utd, "batch_size": args.batch_size,
               "compile_seconds": round(compile_seconds, 2),
-              "env_steps_per_second": round(args.calls / seconds, 2),
-              "critic_steps_per_second": round(args.calls * args.utd / seconds, 1)}
+              "env_steps_per_second": round(calls / seconds, 2),
+              "critic_steps_per_second": round(calls * args.utd / seconds, 1),
+              "timed_calls": calls, "timed_seconds": round(seconds, 2)}
     if args.compare_unrolled:
         batches = buffers.sample_mixed(agent.key, offline, online, args.utd, args.batch_size, 0.5)
         start = time.perf_counter()

@@ -288,7 +288,13 @@ class Critic(nn.Module):
 
 
 class CriticEnsemble(nn.Module):
-    """`num` independent critics evaluated in one vmapped call; output shape (num, ...batch)."""
+    """`num` independent critics, their parameters stacked on a leading axis (one vmapped
+    initialisation); output shape (num, ...batch).
+
+    Evaluation runs each critic on the rows flattened to one matrix, a loop over the members'
+    slices of the stacked parameters: plain matrix products, which a CPU runs faster than the
+    batched ones of a vmapped call on CQL's (31 actions x batch) rows (`benchmarks/compare.py`).
+    """
 
     hidden_dims: tuple[int, ...]
     num: int
@@ -297,8 +303,17 @@ class CriticEnsemble(nn.Module):
     @nn.compact
     def __call__(self, observations, actions):
         ensemble = nn.vmap(Critic, variable_axes={"params": 0}, split_rngs={"params": True},
-                           in_axes=None, out_axes=0, axis_size=self.num)
-        return ensemble(self.hidden_dims, self.layer_norm)(observations, actions)
+                           in_axes=None, out_axes=0, axis_size=self.num)(self.hidden_dims, self.layer_norm)
+        if self.is_initializing():
+            return ensemble(observations, actions)
+        batch_shape = actions.shape[:-1]
+        observations = jnp.broadcast_to(observations, (*batch_shape, observations.shape[-1]))
+        rows = observations.reshape(-1, observations.shape[-1]), actions.reshape(-1, actions.shape[-1])
+        member = Critic(self.hidden_dims, self.layer_norm, parent=None)
+        stacked = self.variables["params"][ensemble.name]
+        values = [member.apply({"params": jax.tree_util.tree_map(lambda leaf: leaf[i], stacked)}, *rows)
+                  for i in range(self.num)]
+        return jnp.stack(values).reshape(self.num, *batch_shape)
 
 
 class Actor(nn.Module):
@@ -450,7 +465,6 @@ def ood_q_values(key, batch, actor_params, critic_params, config: Config) -> dic
     actions per row, each (num_qs, n, B); and the log-probabilities of the policy samples (n, B)."""
     random_key, policy_key, next_key = jax.random.split(key, 3)
     n, observations = config.cql_n_actions, batch["observations"]
-    repeated = jnp.broadcast_to(observations, (n, *observations.shape))
     random_actions = jax.random.uniform(random_key, (n, observations.shape[0], config.action_dim),
                                         minval=-1.0, maxval=1.0)
     policy_actions, policy_log_probs = sample_tanh_normal(
@@ -458,10 +472,11 @@ def ood_q_values(key, batch, actor_params, critic_params, config: Config) -> dic
     next_actions, next_log_probs = sample_tanh_normal(
         next_key, *config.actor.apply({"params": actor_params}, batch["next_observations"]), n)
 
-    def q(actions):
-        return config.critic.apply({"params": critic_params}, repeated, actions)
-
-    return {"random": q(random_actions), "policy": q(policy_actions), "next_policy": q(next_actions),
+    # one critic pass over all 3n actions at s: one large matrix product per layer, not three
+    q = config.critic.apply({"params": critic_params}, observations,
+                            jnp.concatenate([random_actions, policy_actions, next_actions]))
+    q_random, q_policy, q_next = jnp.split(q, 3, axis=1)
+    return {"random": q_random, "policy": q_policy, "next_policy": q_next,
             "policy_log_probs": policy_log_probs, "next_policy_log_probs": next_log_probs}
 
 

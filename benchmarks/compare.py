@@ -151,8 +151,9 @@ DIFFERENCES = {
         "separately with respect to all parameters (value_and_multi_grad) and keeps each loss's "
         "own part; ours takes one gradient per loss with respect to its own parameters: the same "
         "gradients, computed differently",
-        "theirs evaluates its twin critics as two networks called one after the other; ours as one "
-        "vmapped ensemble",
+        "theirs evaluates each twin critic separately on each of the 3 sampled-action sets; ours "
+        "evaluates each critic once on all 3n sampled actions (parameters stacked as one vmapped "
+        "ensemble, evaluated member by member)",
         "theirs runs n_jitted_updates=8 updates per jitted call, unrolled in Python; ours runs "
         "--ours-updates-per-call updates per call in a fori_loop",
         "theirs also computes the standard deviation of the sampled Q-values for its metrics",

@@ -442,3 +442,26 @@ def test_each_online_trajectory_is_followed_by_utd_times_its_length_updates(modu
     assert calls == [(12, 4, 12, 12), (9, 7, 9, 9), (6, 9, 6, 6)]
     assert int(run.agent.critic.step) == args.utd * args.online_steps
     np.testing.assert_array_equal(buffers.filled_rows(run.online)["masks"], [1, 1, 1, 0, 1, 1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("module", [cql, calql], ids=lambda module: module.ALGORITHM)
+def test_critic_ensemble_is_the_vmapped_ensemble_evaluated_member_by_member(module):
+    """The ensemble keeps the parameter layout of one vmapped critic (stacked on a leading axis:
+    old checkpoints load) and gives, for every member, what that vmapped call gives, for rows of
+    any batch shape and observations broadcast over the sampled actions."""
+    import flax.linen as nn
+
+    ensemble = module.CriticEnsemble((16, 16), 3, layer_norm=True)
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    observations = jax.random.normal(keys[0], (5, 6))
+    actions = jax.random.uniform(keys[1], (4, 5, 2), minval=-1.0, maxval=1.0)
+    params = ensemble.init(keys[2], observations, actions[0])["params"]
+    vmapped = nn.vmap(module.Critic, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None,
+                      out_axes=0, axis_size=3)((16, 16), True)
+    (name,) = params
+    repeated = jnp.broadcast_to(observations, (4, 5, 6))
+    expected = vmapped.apply({"params": params[name]}, repeated, actions)
+    values = ensemble.apply({"params": params}, observations, actions)
+    assert values.shape == (3, 4, 5)
+    np.testing.assert_allclose(values, expected, rtol=1e-5, atol=1e-6)
+    assert len({float(v) for v in values[:, 0, 0]}) == 3  # three different critics

@@ -1,0 +1,316 @@
+"""benchmarks/reproduce.py: table files, slot states, run / kill / re-run end to end on a tiny
+table, the report's numbers against the run folders, and the SLURM submission (no cluster)."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import reproduce
+from common import checkpoint
+from tests.conftest import REPO
+
+TINY_FLAGS = ["--hidden-dims", "32", "32", "--batch-size", "32", "--eval-every", "100", "--eval-episodes", "2",
+              "--log-every", "50", "--checkpoint-every", "100"]
+
+
+def write_table(folder: Path, env: str, **overrides) -> Path:
+    """A tiny table file: IQL, one dataset, 400 offline updates, no online phase, two seeds."""
+    fields = {"name": "tiny", "title": "tiny IQL", "algorithm": "iql", "seeds": 2, "offline_steps": 400,
+              "online_steps": 0, "flags": TINY_FLAGS, "evaluation": "normalized score, last evaluation",
+              "comparable": True, **overrides}
+    lines = [f"{key} = {json.dumps(value)}" for key, value in fields.items()]
+    lines += ["[source]", 'paper = "none (test)"', 'arxiv = "0000.00000"', 'arxiv_version = "v1"', 'table = "Table 0"',
+              "[[runs]]", f"env = {json.dumps(env)}", "published = 50.0"]
+    path = folder / "tiny.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def reproduce_cli(*args: str, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "benchmarks/reproduce.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, **popen)
+
+
+def fake_run(slot: Path, steps: list[int], scores: list[float], finished: bool, name: str = "iql__x__0__t") -> Path:
+    """A run folder as a script leaves it: config.json, evaluations.jsonl and a checkpoint."""
+    run_dir = slot / name
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"algorithm": "iql", "offline_steps": 100}))
+    (run_dir / "evaluations.jsonl").write_text("".join(
+        json.dumps({"step": s, "phase": "offline", "return": v, "normalized_score": v}) + "\n"
+        for s, v in zip(steps, scores)))
+    checkpoint.save(str(run_dir / "checkpoints" / "latest.msgpack"), {
+        "agent": {"w": np.ones((50, 50), np.float32)}, "online_rows": {"r": np.zeros(10, np.float32)},
+        "online_cursor": 0, "progress": {"offline_step": steps[-1], "online_step": 0, "finished": finished},
+        "elapsed": 1.0})
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Table files
+
+
+def test_every_table_file_loads_with_provenance_for_each_published_number():
+    paths = reproduce.table_paths()
+    assert len(paths) >= 8
+    algorithms = set()
+    for path in paths:
+        table = reproduce.load_table(str(path))
+        algorithms.add(table.algorithm)
+        assert table.name == path.stem
+        for field in reproduce.SOURCE_FIELDS:
+            assert table.source[field].strip(), (path, field)
+        for run in table.runs:
+            assert isinstance(run.get("published"), (int, float)) != bool(run.get("published_missing")), (path, run)
+        if not table.comparable:
+            assert len(table.successor_note) > 40, path
+    assert {"rlpd", "iql", "cql", "calql"} <= algorithms
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"source": None}, "missing field 'source'"),
+    ({"arxiv_version": None}, "lacks 'arxiv_version'"),
+    ({"published": None}, "exactly one of 'published'"),
+    ({"both": True}, "exactly one of 'published'"),
+    ({"flags": ["--seed", "3"]}, "the runner sets it"),
+])
+def test_a_table_without_provenance_or_with_runner_flags_is_refused(tmp_path, change, message):
+    path = write_table(tmp_path, "local/x", flags=change.get("flags", TINY_FLAGS))
+    text = path.read_text()
+    if "source" in change:
+        text = text.replace("[source]\n", "[unused]\n")
+    if "arxiv_version" in change:
+        text = text.replace('arxiv_version = "v1"\n', "")
+    if "published" in change:
+        text = text.replace("published = 50.0\n", "")
+    if "both" in change:
+        text += 'published_missing = "not found"\n'
+    path.write_text(text)
+    with pytest.raises(reproduce.ReproduceError, match=message):
+        reproduce.load_table(str(path))
+
+
+def test_list_prints_every_table_with_its_run_count():
+    result = reproduce_cli("list")
+    assert result.returncode == 0, result.stderr
+    for path in reproduce.table_paths():
+        table = reproduce.load_table(str(path))
+        row = next(line for line in result.stdout.splitlines() if line.startswith(table.name + " "))
+        assert f" {len(table.runs) * table.seeds} " in row
+    rlpd = next(line for line in result.stdout.splitlines() if line.startswith("rlpd-antmaze "))
+    assert " 33 " in rlpd  # 300k steps at the measured 2.5 env steps/s
+    assert "not measured" in rlpd
+
+
+# ---------------------------------------------------------------------------------------------
+# Slots
+
+
+def test_slot_state_reads_completion_from_the_checkpoint(tmp_path):
+    table = reproduce.load_table(str(write_table(tmp_path, "local/x")))
+    task = reproduce.Task(table, "local/x", 0, tmp_path / "slot")
+    assert task.state().status == "pending"
+    assert task.command()[:4] == ["python", "algorithms/iql.py", "--env", "local/x"]
+
+    (tmp_path / "slot" / "no-checkpoint-yet").mkdir(parents=True)
+    (tmp_path / "slot" / "no-checkpoint-yet" / "config.json").write_text("{}")
+    assert task.state().status == "pending"  # nothing to resume
+
+    run_dir = fake_run(tmp_path / "slot", [0, 100], [1.0, 2.0], finished=False)
+    assert reproduce.read_progress(run_dir)["offline_step"] == 100
+    state = task.state()
+    assert (state.status, state.run_dir, state.step) == ("interrupted", run_dir, 100)
+    assert task.command() == ["python", "algorithms/iql.py", "--resume", str(run_dir), "--progress", "False"]
+
+    fake_run(tmp_path / "slot", [0, 100, 200], [1.0, 2.0, 3.0], finished=True, name="iql__x__0__t2")
+    assert task.state().status == "done" and task.command() is None
+
+
+def test_dry_run_prints_commands_and_refuses_a_slot_started_with_other_settings(tmp_path):
+    path = write_table(tmp_path, "local/x")
+    result = reproduce_cli("run", str(path), "--root", str(tmp_path / "root"), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    commands = [line for line in result.stdout.splitlines() if line.startswith("python ")]
+    assert len(commands) == 2 and all("--offline-steps 400" in line for line in commands)
+    assert not (tmp_path / "root").exists()  # nothing was started
+
+    table = reproduce.load_table(str(path))
+    slot = reproduce.slot_dir(tmp_path / "root", table, "local/x", 0)
+    slot.mkdir(parents=True)
+    old = reproduce.fresh_command(table, "local/x", 0, slot)
+    (slot / reproduce.COMMAND_FILE).write_text(json.dumps({"command": [*old[:-2], "--expectile", "0.9", *old[-2:]]}))
+    result = reproduce_cli("run", str(path), "--root", str(tmp_path / "root"), "--dry-run")
+    assert result.returncode == 2 and "was started with other settings" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: run, kill the runner mid-way, run again, report
+
+
+def lock_is_free(slot: Path) -> bool:
+    with open(slot / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return True
+
+
+@pytest.fixture(scope="module")
+def killed_and_rerun(tiny_pointmaze, tmp_path_factory):
+    """`run` on the tiny table (two seeds, one at a time), the runner SIGKILLed once seed 0 has
+    finished and seed 1 has a checkpoint; then the same command again."""
+    folder = tmp_path_factory.mktemp("reproduce")
+    path, root = write_table(folder, tiny_pointmaze), folder / "root"
+    table = reproduce.load_table(str(path))
+    slots = [reproduce.slot_dir(root, table, tiny_pointmaze, seed) for seed in (0, 1)]
+    runner = subprocess.Popen([sys.executable, "benchmarks/reproduce.py", "run", str(path), "--root", str(root),
+                               "--jobs", "1"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 150
+    while time.time() < deadline and runner.poll() is None:
+        if reproduce.slot_state(slots[0]).status == "done" and reproduce.slot_state(slots[1]).status == "interrupted":
+            break
+        time.sleep(0.02)
+    runner.send_signal(signal.SIGKILL)
+    runner.wait()
+    assert runner.returncode == -signal.SIGKILL, "the runner must be killed mid-way for this test to mean anything"
+    before = {"seed0": (slots[0] / reproduce.LOG_FILE).read_text(),
+              "seed0_evaluations": (reproduce.slot_state(slots[0]).run_dir / "evaluations.jsonl").read_text(),
+              "seed1_state": reproduce.slot_state(slots[1])}
+    deadline = time.time() + 60  # the orphaned run got SIGTERM: it checkpoints, exits and frees its slot
+    while time.time() < deadline and not lock_is_free(slots[1]):
+        time.sleep(0.1)
+    rerun = reproduce_cli("run", str(path), "--root", str(root), "--jobs", "1")
+    return table, root, slots, before, rerun
+
+
+def test_rerun_after_kill_resumes_the_interrupted_run_and_skips_the_finished_one(killed_and_rerun):
+    table, root, slots, before, rerun = killed_and_rerun
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "runs: 1 done before, 1 finished" in rerun.stdout
+    # the finished run was not touched
+    assert (slots[0] / reproduce.LOG_FILE).read_text() == before["seed0"]
+    assert (reproduce.slot_state(slots[0]).run_dir / "evaluations.jsonl").read_text() == before["seed0_evaluations"]
+    # the interrupted one was resumed in its own run folder, from its checkpoint, to the end
+    assert before["seed1_state"].status == "interrupted" and 0 < before["seed1_state"].step < 400
+    state = reproduce.slot_state(slots[1])
+    assert state.status == "done" and state.run_dir == before["seed1_state"].run_dir
+    assert len(reproduce.run_folders(slots[1])) == 1
+    log = (slots[1] / reproduce.LOG_FILE).read_text()
+    assert f"--resume {state.run_dir}" in log and "Resuming" in log
+    steps = [record["step"] for record in reproduce.read_jsonl(state.run_dir / "evaluations.jsonl")]
+    assert steps == [0, 100, 200, 300, 400]
+
+
+def test_report_numbers_equal_those_computed_from_the_run_folders(killed_and_rerun, tmp_path):
+    table, root, slots, _, _ = killed_and_rerun
+    finals = [reproduce.read_jsonl(reproduce.slot_state(slot).run_dir / "evaluations.jsonl")[-1]["normalized_score"]
+              for slot in slots]
+    # an unfinished third seed, which must be shown and left out of every statistic
+    fake_run(reproduce.slot_dir(root, table, table.runs[0]["env"], 2), [0, 100], [99.0, 99.0], finished=False)
+
+    out = reproduce.report(table, root, tmp_path / "report", reps=2000)
+    with open(out / "report.csv") as file:
+        (row,) = list(csv.DictReader(file))
+    assert int(row["seeds_finished"]) == 2 and int(row["seeds_unfinished"]) == 1
+    assert float(row["mean"]) == pytest.approx(np.mean(finals))
+    assert float(row["stderr"]) == pytest.approx(np.std(finals, ddof=1) / np.sqrt(2))
+    assert float(row["iqm"]) == pytest.approx(np.mean(finals))  # two seeds: nothing is trimmed
+    assert min(finals) - 1e-9 <= float(row["iqm_ci_low"]) <= float(row["iqm_ci_high"]) <= max(finals) + 1e-9
+    assert int(row["steps"]) == 400 and float(row["published"]) == 50.0
+    assert "seed 2: interrupted at step 100" in row["unfinished"]
+    text = (out / "report.md").read_text()
+    assert f"{np.mean(finals):.1f} ± {np.std(finals, ddof=1) / np.sqrt(2):.1f}" in text
+    assert "seed 2: interrupted at step 100" in text
+    png = out / f"{reproduce.env_key(table.runs[0]['env'])}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def test_iqm_trims_a_quarter_at_each_end():
+    assert reproduce.iqm(np.array([0.0, 10.0, 20.0, 1000.0])) == pytest.approx(15.0)
+    assert reproduce.iqm(np.arange(8.0)) == pytest.approx(np.mean([2, 3, 4, 5]))
+
+
+def test_stratified_bootstrap_resamples_within_each_dataset():
+    # dataset A always scores 0, dataset B always 100: a stratified resample keeps half of each, so
+    # every resampled mean is exactly 50; an unstratified one would vary.
+    low, high = reproduce.stratified_bootstrap_ci([np.zeros(5), np.full(5, 100.0)], statistic=np.mean, reps=500)
+    assert low == pytest.approx(50.0) and high == pytest.approx(50.0)
+    scores = np.random.default_rng(0).normal(50, 10, 10)
+    low, high = reproduce.stratified_bootstrap_ci([scores], reps=4000)
+    assert low < reproduce.iqm(scores) < high and high - low > 1.0
+
+
+def test_interval_matches_rliable():
+    rliable = pytest.importorskip("rliable.library")
+    from rliable import metrics
+
+    scores = np.random.default_rng(1).normal(60, 15, size=(10, 3))  # 10 seeds x 3 datasets
+    _, intervals = rliable.get_interval_estimates({"x": scores}, lambda s: np.array([metrics.aggregate_iqm(s)]),
+                                                  reps=4000, random_state=np.random.RandomState(0))
+    ours = reproduce.stratified_bootstrap_ci([scores[:, task] for task in range(3)], reps=4000)
+    np.testing.assert_allclose(ours, intervals["x"][:, 0], atol=1.0)  # two bootstraps: Monte Carlo noise only
+
+
+# ---------------------------------------------------------------------------------------------
+# SLURM through submitit, without a cluster
+
+
+def test_slurm_submission_is_one_requeueable_job_array_with_a_time_limit(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"  # records the file it is given, answers like SLURM
+    sbatch.write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/submitted.sh\necho "Submitted batch job 4242"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\n")  # submitit looks for it before it submits
+    for tool in (sbatch, bin_dir / "srun"):
+        tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    path = write_table(tmp_path, "local/x", seeds=4)
+    root = tmp_path / "root"
+    table = reproduce.load_table(str(path))
+    fake_run(reproduce.slot_dir(root, table, "local/x", 1), [0, 400], [1.0, 2.0], finished=True)  # done: not submitted
+
+    result = reproduce_cli("run", str(path), "--root", str(root), "--slurm", "--partition", "gpu", "--gpus-per-run", "1",
+                           "--time-hours", "2", "--max-parallel", "2", "--max-requeues", "5",
+                           env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr
+    assert "submitted 3 runs as job array 4242" in result.stdout
+    script = (tmp_path / "submitted.sh").read_text()
+    assert "#SBATCH --array=0-2%2"  # 3 unfinished runs, 2 at a time in script
+    assert "#SBATCH --time=120" in script
+    assert "#SBATCH --requeue" in script
+    assert "#SBATCH --signal=USR2@" in script  # the warning before the limit that checkpoints the run
+    assert "#SBATCH --partition=gpu" in script and "#SBATCH --gpus-per-node=1" in script
+    assert f"cd {REPO}" in script
+
+
+def test_local_executor_runs_the_slot_job(tmp_path):
+    submitit = pytest.importorskip("submitit")
+    table = reproduce.load_table(str(write_table(tmp_path, "local/x")))
+    task = reproduce.Task(table, "local/x", 0, tmp_path / "slot")
+    fake_run(task.slot, [0, 400], [1.0, 2.0], finished=True)
+    # through submitit's local executor (pickled, run in another process): a finished slot is left alone
+    (job,) = reproduce.submit([reproduce.Task(table, "local/x", 1, tmp_path / "other")], tmp_path / "jobs", cluster="local")
+    # a pending slot with an unknown dataset: the script fails, and the job reports it
+    with pytest.raises(Exception, match="exit code 2"):
+        job.result()
+    assert reproduce.submit([task], tmp_path / "jobs2", cluster="local") == []
+    assert isinstance(reproduce.SlotJob(task).checkpoint(), submitit.helpers.DelayedSubmission)

@@ -74,6 +74,7 @@ CPU_RATES: dict[tuple[str, str], tuple[float | None, float | None, str]] = {
     ("iql", "antmaze"): (144.0, None, "README offline updates: 144 updates/s"),
     ("cql", "antmaze"): (5.2, None, "README offline updates: 5.2 updates/s"),
     ("calql", "antmaze"): (5.0, None, "README offline updates: 5.0 updates/s"),
+    ("iql", "pointmaze"): (134.0, 134.0, "README Run: 40k + 40k steps of the pointmaze preset in 9 min 56 s"),
 }
 
 
@@ -227,7 +228,8 @@ def env_key(env: str) -> str:
 
 
 def slot_dir(root: str | Path, table: Table, env: str, seed: int) -> Path:
-    return Path(root) / table.name / env_key(env) / f"seed{seed}"
+    """Absolute, because the scripts run from the repository root whatever the caller's folder."""
+    return Path(root).absolute() / table.name / env_key(env) / f"seed{seed}"
 
 
 def fresh_command(table: Table, env: str, seed: int, slot: Path) -> list[str]:
@@ -374,6 +376,22 @@ def execute(task: Task, env: dict[str, str] | None = None, on_start=None) -> int
             return process.wait()
     finally:
         lock.close()
+
+
+def prepare_datasets(tasks: list[Task], out=sys.stdout) -> None:
+    """Load each unfinished dataset once, one at a time, before runs start side by side: the first
+    use of a dataset downloads it (Minari) or builds it (local/...), and two runs doing that at
+    once would race for the same folder. On SLURM this happens on the submitting machine."""
+    envs = list(dict.fromkeys(task.env for task in tasks if task.state().status != "done"))
+    for env in envs:
+        print(f"[dataset] {env}", file=out, flush=True)
+        code = ("import sys\nfrom common import datasets\nfrom common.cli import UserError\ntry:\n"
+                "    task = datasets.resolve(sys.argv[1])\n"
+                "    if task.dataset_id is not None: datasets.load_dataset(task)\n"
+                "except UserError as error:\n    sys.exit(str(error))")
+        result = subprocess.run([sys.executable, "-c", code, env], cwd=REPO, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ReproduceError(f"cannot load the dataset of --env {env}:\n{result.stderr.strip()}")
 
 
 def detect_gpus() -> list[str]:
@@ -801,6 +819,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# {task.env} seed {task.seed}: {state.status}" + (f" (step {state.step})" if state.run_dir else ""))
             print(shlex.join(command) if command else "# nothing to do")
         return 0
+    if args.slurm or args.jobs > 1:
+        prepare_datasets(tasks)
     if args.slurm:
         folder = Path(args.root) / table.name / "slurm"
         jobs = submit(tasks, folder, "slurm", args.partition, args.gpus_per_run, args.cpus_per_run,

@@ -273,7 +273,16 @@ def test_interval_matches_rliable():
 # SLURM through submitit, without a cluster
 
 
-def test_slurm_submission_is_one_requeueable_job_array_with_a_time_limit(tmp_path, monkeypatch):
+def test_side_by_side_runs_load_each_dataset_once_first_and_stop_on_a_missing_one(tmp_path):
+    path = write_table(tmp_path, "local/pointmaze/nosuchmaze-v0")
+    result = reproduce_cli("run", str(path), "--root", str(tmp_path / "root"), "--jobs", "2")
+    assert result.returncode == 2
+    assert "cannot load the dataset of --env local/pointmaze/nosuchmaze-v0" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "root").exists()  # no run was started
+
+
+def test_slurm_submission_is_one_requeueable_job_array_with_a_time_limit(tiny_pointmaze, tmp_path, monkeypatch):
     pytest.importorskip("submitit")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -283,10 +292,10 @@ def test_slurm_submission_is_one_requeueable_job_array_with_a_time_limit(tmp_pat
     for tool in (sbatch, bin_dir / "srun"):
         tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    path = write_table(tmp_path, "local/x", seeds=4)
+    path = write_table(tmp_path, tiny_pointmaze, seeds=4)
     root = tmp_path / "root"
     table = reproduce.load_table(str(path))
-    fake_run(reproduce.slot_dir(root, table, "local/x", 1), [0, 400], [1.0, 2.0], finished=True)  # done: not submitted
+    fake_run(reproduce.slot_dir(root, table, tiny_pointmaze, 1), [0, 400], [1.0, 2.0], finished=True)  # done: not submitted
 
     result = reproduce_cli("run", str(path), "--root", str(root), "--slurm", "--partition", "gpu", "--gpus-per-run", "1",
                            "--time-hours", "2", "--max-parallel", "2", "--max-requeues", "5",

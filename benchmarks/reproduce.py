@@ -196,14 +196,19 @@ def cpu_hours(table: Table, env: str) -> float | None:
     return seconds / 3600
 
 
+def hour_text(hours: float) -> str:
+    return f"{hours:.2f}" if hours < 1 else f"{hours:.1f}" if hours < 10 else f"{hours:.0f}"
+
+
 def list_tables(out=sys.stdout) -> None:
     rows = [("table", "algorithm", "datasets", "seeds", "runs", "steps (offline + online)", "CPU h / run",
              "CPU h total", "GPU h", "published numbers", "comparable")]
     for path in table_paths():
         table = load_table(str(path))
         hours = [cpu_hours(table, run["env"]) for run in table.runs]
-        per_run = "n/a" if None in hours else f"{min(hours):.0f}-{max(hours):.0f}" if min(hours) != max(hours) else f"{hours[0]:.0f}"
-        total = "n/a" if None in hours else f"{sum(hours) * table.seeds:.0f}"
+        per_run = "n/a" if None in hours else (f"{hour_text(min(hours))}-{hour_text(max(hours))}"
+                                               if min(hours) != max(hours) else hour_text(hours[0]))
+        total = "n/a" if None in hours else hour_text(sum(hours) * table.seeds)
         found = sum(isinstance(run.get("published"), (int, float)) for run in table.runs)
         rows.append((table.name, table.algorithm, str(len(table.runs)), str(table.seeds),
                      str(len(table.runs) * table.seeds), f"{table.offline_steps:,} + {table.online_steps:,}",
@@ -427,6 +432,8 @@ def run_local(tasks: list[Task], jobs: int, gpus: list[str], out=sys.stdout) -> 
 
     def worker(index: int) -> None:
         env = {"CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]} if gpus else {}
+        if gpus and jobs > len(gpus):  # runs share a GPU: JAX must not take 75% of its memory each
+            env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
         while not stopping.is_set():
             with lock:
                 if not queue:
@@ -637,6 +644,8 @@ def summarize(table: Table, results: list[RunResult], reps: int = 50_000) -> lis
         if len(finals):
             row["iqm_ci_low"], row["iqm_ci_high"] = stratified_bootstrap_ci([finals], reps=reps)
             finals_by_env.append(finals)
+        if not mine:
+            row["unfinished"] = "no runs found"
         rows.append(row)
     if len(finals_by_env) > 1:
         every = np.concatenate(finals_by_env)

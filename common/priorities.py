@@ -69,11 +69,12 @@ def create(rows: int, max_priority: float = 1.0) -> SumTree:
 
 def _propagate(nodes: jax.Array, depth: int, leaf_nodes: jax.Array) -> jax.Array:
     """Recompute every ancestor of `leaf_nodes` from its children, bottom up."""
-    parents = leaf_nodes
-    for _ in range(depth):
+    def level(_, carry):
+        nodes, parents = carry
         parents = parents // 2
-        nodes = nodes.at[parents].set(nodes[2 * parents] + nodes[2 * parents + 1])
-    return nodes
+        return nodes.at[parents].set(nodes[2 * parents] + nodes[2 * parents + 1]), parents
+
+    return jax.lax.fori_loop(0, depth, level, (nodes, leaf_nodes))[0]
 
 
 def set_priorities(tree: SumTree, indices: jax.Array, priorities: jax.Array, valid: jax.Array | None = None) -> SumTree:
@@ -105,11 +106,13 @@ def sample(tree: SumTree, key: jax.Array, batch_size: int) -> tuple[jax.Array, j
     priority / total. Never returns a row of priority 0 while the total is positive."""
     segment = tree.total / batch_size
     points = (jnp.arange(batch_size) + jax.random.uniform(key, (batch_size,))) * segment
-    node = jnp.ones(batch_size, jnp.int32)
-    for _ in range(tree.depth):
+
+    def descend(_, carry):
+        node, points = carry
         left, right = tree.nodes[2 * node], tree.nodes[2 * node + 1]
         # right when the point lies past the left sum; rounding must never lead into an empty subtree
         go_right = jnp.where(left <= 0, True, (points > left) & (right > 0))
-        points = jnp.where(go_right, points - left, points)
-        node = 2 * node + go_right.astype(jnp.int32)
+        return 2 * node + go_right.astype(jnp.int32), jnp.where(go_right, points - left, points)
+
+    node, _ = jax.lax.fori_loop(0, tree.depth, descend, (jnp.ones(batch_size, jnp.int32), points))
     return node - tree.capacity, tree.nodes[node] / tree.total

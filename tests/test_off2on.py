@@ -1,0 +1,273 @@
+"""off2on.py: the ensemble policy, targets and losses against hand computations, the density
+ratio's optimum, the priorities, the vmapped pre-training, an end-to-end run, resume, bad input.
+
+The end-to-end runs share one process, so their jitted functions compile once (`off2on.canonical`).
+"""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tyro
+
+from algorithms import cql, off2on
+from common import checkpoint, datasets
+from common.cli import UserError
+from common.logger import CHECKPOINT_FILE, read_evaluations
+from tests.conftest import field_docstrings, run_script, scalar_steps, scores
+
+TINY = ["--actor-hidden-dims", "16", "16", "--critic-hidden-dims", "16", "16", "--density-hidden-dims", "16", "16",
+        "--batch-size", "32", "--density-batch-size", "32", "--cql-n-actions", "2", "--bc-steps", "20",
+        "--offline-steps", "100", "--online-steps", "1000", "--epoch-steps", "250", "--first-epoch-multiplier", "2",
+        "--eval-every", "500", "--offline-eval-every", "50", "--eval-episodes", "2", "--log-every", "100",
+        "--checkpoint-every", "250", "--progress", "False"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand computations
+
+
+def test_moment_matched_mean_and_variance():
+    means = jnp.array([[[0.0, 1.0]], [[2.0, 1.0]], [[4.0, 1.0]]])  # 3 members, 1 row, 2 action dims
+    stds = jnp.array([[[1.0, 0.5]], [[2.0, 0.5]], [[3.0, 1e-12]]])
+    mean, std = off2on.moment_match(means, jnp.log(stds))
+    np.testing.assert_allclose(mean, [[2.0, 1.0]], rtol=1e-6)
+    # variance = mean(mu^2 + sigma^2) - mean^2: dim 0 (0+1 + 4+4 + 16+9)/3 - 4; dim 1 (1.25 + 1.25 + 1)/3 - 1
+    np.testing.assert_allclose(std, np.sqrt([[34 / 3 - 4, 3.5 / 3 - 1]]), rtol=1e-5)
+    _, tiny = off2on.moment_match(jnp.zeros((2, 1, 1)), jnp.full((2, 1, 1), -30.0))
+    np.testing.assert_allclose(tiny, np.exp(-20.0), rtol=1e-5)  # clipped to [e^-20, e^2]
+    _, huge = off2on.moment_match(jnp.array([[[-50.0]], [[50.0]]]), jnp.zeros((2, 1, 1)))
+    np.testing.assert_allclose(huge, np.exp(2.0), rtol=1e-5)
+
+
+def tiny_setup(n=5, observation_dim=6, action_dim=2, rows=5):
+    """The end-to-end runs' shapes (PointMaze, 16-wide members), so eager initialisation compiles once."""
+    args = off2on.Args(actor_hidden_dims=(16, 16), critic_hidden_dims=(16, 16), density_hidden_dims=(16, 16),
+                       ensemble_size=n)
+    config = off2on.make_config(args, action_dim)
+    cql_args = off2on.pretraining_args(args, "pointmaze")
+    members = off2on.create_members(cql_args, cql.make_config(cql_args, action_dim), off2on.member_seeds(args),
+                                    observation_dim, action_dim)
+    agent = off2on.fine_tuning_agent(members.actor.params, members.critic.params, args, config, observation_dim,
+                                     action_dim)
+    # targets unlike the critics, so a swap would show
+    agent = agent.replace(target_critic_params=jax.tree_util.tree_map(lambda p: p * 1.5 + 0.1,
+                                                                      agent.target_critic_params))
+    rng = np.random.default_rng(0)
+    batch = {"observations": jnp.asarray(rng.normal(size=(rows, observation_dim)), jnp.float32),
+             "actions": jnp.asarray(rng.uniform(-0.9, 0.9, (rows, action_dim)), jnp.float32),
+             "rewards": jnp.asarray(rng.normal(size=rows), jnp.float32),
+             "next_observations": jnp.asarray(rng.normal(size=(rows, observation_dim)), jnp.float32),
+             "masks": jnp.array([1.0, 0.0, 1.0, 1.0, 1.0][:rows], jnp.float32)}
+    return args, config, agent, batch
+
+
+def member_twin_q(params, i, observations, actions, config):
+    """Member i's twin Q-values, (2, B), computed from its own slice of the stacked parameters."""
+    own = jax.tree_util.tree_map(lambda leaf: leaf[i], params)
+    return config.critic.apply({"params": own}, observations, actions)
+
+
+def test_td_target_per_member_with_one_shared_next_action():
+    args, config, agent, batch = tiny_setup()
+    key, alpha = jax.random.PRNGKey(7), 0.3
+    target = off2on.td_target(key, batch, agent.actor.params, agent.target_critic_params, alpha, config)
+    # by hand: ONE a' from the moment-matched policy at s', then each member's min of its target twins
+    means, log_stds = off2on.member_gaussians(agent.actor.params, batch["next_observations"], config)
+    mean, std = off2on.moment_match(means, log_stds)
+    next_actions, next_log_probs = cql.sample_tanh_normal(key, mean, jnp.log(std))
+    for i in range(args.ensemble_size):
+        next_q = member_twin_q(agent.target_critic_params, i, batch["next_observations"], next_actions, config).min(0)
+        expected = batch["rewards"] + 0.99 * batch["masks"] * (next_q - alpha * next_log_probs)
+        np.testing.assert_allclose(target[i], expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(target[0], target[1])  # members keep their own targets
+    assert target[0, 1] == pytest.approx(float(batch["rewards"][1]))  # mask 0: no bootstrap
+
+
+def test_critic_loss_sums_members_and_twins():
+    args, config, agent, batch = tiny_setup()
+    target = jnp.arange(25.0).reshape(5, 5) / 10
+    loss, _ = off2on.critic_loss(agent.critic.params, batch, target, config)
+    expected = sum(((member_twin_q(agent.critic.params, i, batch["observations"], batch["actions"], config)
+                     - target[i]) ** 2).mean(-1).sum() for i in range(5))
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_actor_loss_is_alpha_log_pi_minus_the_members_mean_of_twin_mins():
+    args, config, agent, batch = tiny_setup()
+    key, alpha = jax.random.PRNGKey(3), 0.2
+    loss, entropy = off2on.actor_loss(agent.actor.params, key, batch, agent.critic.params, alpha, config)
+    actions, log_probs = off2on.policy_sample(key, agent.actor.params, batch["observations"], config)
+    q = np.mean([member_twin_q(agent.critic.params, i, batch["observations"], actions, config).min(0)
+                 for i in range(5)], axis=0)
+    assert float(loss) == pytest.approx(float((alpha * log_probs - q).mean()), rel=1e-5)
+    assert float(entropy) == pytest.approx(float(-log_probs.mean()), rel=1e-5)
+    # the policy's gradient reaches every member's actor
+    grads = jax.grad(lambda p: off2on.actor_loss(p, key, batch, agent.critic.params, alpha, config)[0])(
+        agent.actor.params)
+    per_member = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda g: jnp.abs(g).reshape(5, -1).sum(1), grads))
+    assert np.all(np.sum(per_member, axis=0) > 0)
+
+
+def test_priorities_follow_the_formula():
+    w_rl = jnp.array([0.0, 1.0, 32.0, 1e20])
+    w_offline = jnp.array([1.0, 32.0])  # w^(1/5): 1 and 2, mean 1.5
+    expected = np.clip(np.array([0.0, 1.0, 2.0, 1e4]) / (1.5 + 1e-10), 1e-3, 1e3)
+    np.testing.assert_allclose(off2on.new_priorities(w_rl, w_offline, 5.0), expected, rtol=1e-5)
+    assert expected[0] == 1e-3 and expected[-1] == 1e3  # both clamps exercised
+
+
+def test_density_ratio_reaches_the_ratio_of_two_gaussians():
+    """Offline rows from N(0, 1), online rows from N(0.5, 1) (in the action): the loss's optimum
+    is w(x) = p_online(x) / p_offline(x) = exp(0.5 x - 0.125)."""
+    network = off2on.DensityRatio((32, 32))
+    config = off2on.Config(None, None, network, 0.99, 5e-3, -1.0, 5.0, 32, 512, 10)
+    params = network.init(jax.random.PRNGKey(0), jnp.zeros((1, 1)), jnp.zeros((1, 1)))["params"]
+    optimizer = optax.adam(3e-3)
+
+    @jax.jit
+    def train(params, key):
+        def step(carry, key):
+            params, state = carry
+            off_key, on_key = jax.random.split(key)
+            zeros = jnp.zeros((512, 1))
+            offline = {"observations": zeros, "actions": jax.random.normal(off_key, (512, 1))}
+            online = {"observations": zeros, "actions": jax.random.normal(on_key, (512, 1)) + 0.5}
+            grads = jax.grad(lambda p: off2on.density_loss(p, offline, online, config)[0])(params)
+            updates, state = optimizer.update(grads, state)
+            return (optax.apply_updates(params, updates), state), None
+        return jax.lax.scan(step, (params, optimizer.init(params)), jax.random.split(key, 1500))[0][0]
+
+    params = train(params, jax.random.PRNGKey(1))
+    x = jnp.linspace(-1.5, 1.5, 7)[:, None]
+    w = network.apply({"params": params}, jnp.zeros_like(x), x)
+    np.testing.assert_allclose(w, np.exp(0.5 * x[:, 0] - 0.125), rtol=0.15)
+
+
+def pretraining_setup():
+    args, _, _, _ = tiny_setup()
+    cql_args = dataclasses.replace(off2on.pretraining_args(args, "pointmaze"), target_entropy=-2.0, cql_n_actions=2)
+    cql_config = cql.make_config(cql_args, 2)
+    return off2on.create_members(cql_args, cql_config, off2on.member_seeds(args), 6, 2), cql_config
+
+
+def test_members_start_from_their_own_seeds():
+    members, _ = pretraining_setup()
+    kernels = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path((members.actor.params, members.critic.params))
+               if "kernel" in jax.tree_util.keystr(path)]
+    assert kernels and all(not np.allclose(kernel[i], kernel[j]) for kernel in kernels for i, j in ((0, 1), (3, 4)))
+    assert len({tuple(key) for key in np.asarray(members.key).tolist()}) == 5  # and sample their own minibatches
+
+
+@pytest.mark.slow
+def test_pretraining_is_one_vmapped_call_equal_to_cql_runs():
+    """One jitted call trains all members; member 1 follows cql.py's own update loop (its seed-4 run)."""
+    members, cql_config = pretraining_setup()
+    rng = np.random.default_rng(0)
+    offline = off2on.buffers.from_arrays({"observations": rng.normal(size=(64, 6)).astype(np.float32),
+                                          "actions": rng.uniform(-0.9, 0.9, (64, 2)).astype(np.float32),
+                                          "rewards": rng.normal(size=64).astype(np.float32),
+                                          "next_observations": rng.normal(size=(64, 6)).astype(np.float32),
+                                          "masks": np.ones(64, np.float32)})
+    member_1 = jax.tree_util.tree_map(lambda leaf: leaf[1], members)
+    trained, info = jax.jit(off2on.pretrain, static_argnums=(3, 4))(members, offline, 3, cql_config, 16)
+    np.testing.assert_array_equal(trained.actor.step, [3] * 5)  # every member, one call
+    assert info["critic_loss"].shape == (5,)
+    alone, _ = jax.jit(cql.train, static_argnums=(4, 5, 6))(member_1, offline, None, 3, cql_config, 16, 1.0)
+    for vmapped, single in zip(jax.tree_util.tree_leaves(trained.critic.params),
+                               jax.tree_util.tree_leaves(alone.critic.params)):
+        np.testing.assert_allclose(vmapped[1], single, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_pointmaze, tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("off2on_reference")
+    return off2on.main(tyro.cli(off2on.Args, args=["--env", tiny_pointmaze, "--log-dir", str(log_dir), *TINY]))
+
+
+def test_end_to_end_run(reference_run):
+    records = read_evaluations(reference_run)
+    assert [(r["step"], r["phase"]) for r in records] == [(0, "offline"), (50, "offline"), (100, "offline"),
+                                                         (600, "online"), (1100, "online")]
+    assert records[0]["return"] != records[2]["return"]  # pre-training changed the policy
+    config = json.load(open(f"{reference_run}/config.json"))
+    assert config["algorithm"] == "off2on" and config["ensemble_size"] == 5 and config["pretraining"]["num_qs"] == 2
+    for tag in ("train/pretrain_critic_loss", "train/critic_loss", "train/density_loss", "train/priority",
+                "train/online_share", "eval/normalized_score"):
+        assert scalar_steps(reference_run, tag), tag
+    assert [step for step, _ in scalar_steps(reference_run, "train/critic_loss")] == [350, 600, 850, 1100]
+    payload = checkpoint.load(f"{reference_run}/{CHECKPOINT_FILE}")
+    assert len(payload["online_rows"]["rewards"]) == 1000
+    task = datasets.resolve(config["env"])
+    offline_size = len(datasets.dataset_transitions(datasets.load_dataset(task), task.domain)["rewards"])
+    leaves = np.asarray(payload["priorities"])
+    online_part = leaves[offline_size:offline_size + 1000]
+    assert np.all(online_part > 0) and np.all(leaves[offline_size + 1000:] == 0)
+    assert np.any(leaves[:offline_size] != 1.0)  # sampled offline rows got new priorities
+    initial_max = offline_size * 0.75 / (0.25 * 1000)
+    assert payload["max_priority"] >= initial_max
+    actor = payload["agent"]["actor"]["params"]
+    kernel = np.asarray(actor["MLP_0"]["Dense_0"]["kernel"])
+    assert kernel.shape[0] == 5 and not np.allclose(kernel[0], kernel[1])
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_matches_the_uninterrupted_run(reference_run, tiny_pointmaze, tmp_path, monkeypatch):
+    """Killed right after its second checkpoint (online step 350 of 1100), resumed, the run ends
+    with the evaluations, training curve and networks of the uninterrupted one."""
+    original, calls = off2on.Run.checkpoint, []
+
+    def crash_after_second(self, step):
+        original(self, step)
+        calls.append(step)
+        if len(calls) == 2:
+            raise Crash
+
+    monkeypatch.setattr(off2on.Run, "checkpoint", crash_after_second)
+    with pytest.raises(Crash):
+        off2on.main(tyro.cli(off2on.Args, args=["--env", tiny_pointmaze, "--log-dir", str(tmp_path), *TINY]))
+    monkeypatch.setattr(off2on.Run, "checkpoint", original)
+    (run_dir,) = tmp_path.iterdir()
+    assert calls == [350, 600] and len(scores(run_dir)) < len(scores(reference_run))
+    off2on.main(off2on.Args(resume=str(run_dir), progress=False))
+    assert scores(run_dir) == scores(reference_run)
+    assert scalar_steps(run_dir, "train/critic_loss") == scalar_steps(reference_run, "train/critic_loss")
+    final, reference = (checkpoint.load(f"{d}/{CHECKPOINT_FILE}") for d in (run_dir, reference_run))
+    np.testing.assert_array_equal(final["priorities"], reference["priorities"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--online-steps", "1500", "--epoch-steps", "1000"], "must be a multiple of --epoch-steps"),
+    (["--init-online-fraction", "1"], "--init-online-fraction must lie in [0, 1)"),
+    (["--pretrained", "a", "b"], "--pretrained names 2 run folders; --ensemble-size is 5"),
+    (["--pretrained", "/nonexistent/a", "/nonexistent/b", "--ensemble-size", "2"], "no config.json"),
+    (["--env", "Hopper-v5"], "name a dataset"),
+])
+def test_bad_input_is_rejected_before_any_compute(flags, message, tmp_path):
+    with pytest.raises(UserError, match=None) as error:
+        off2on.main(tyro.cli(off2on.Args, args=["--log-dir", str(tmp_path), *flags]))
+    assert message in str(error.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_input_gets_one_message_and_exit_2(tmp_path):
+    result = run_script("off2on.py", "--log-dir", str(tmp_path), "--priority-temperature", "0")
+    assert result.returncode == 2
+    assert "--priority-temperature must be positive" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_every_flag_is_documented():
+    docs = field_docstrings(off2on.Args)
+    assert {field.name for field in dataclasses.fields(off2on.Args)} == set(docs)
+    assert all(doc.strip() for doc in docs.values())

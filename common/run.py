@@ -80,9 +80,10 @@ RUN_RULES: list[Rule] = [
 
 def check_flags(args, rules: Iterable[Rule]) -> None:
     """Raise one UserError for the first flag that breaks its rule. Unset flags (None: the
-    domain preset fills them later) pass; the check runs again after the preset."""
+    domain preset fills them later) pass; the check runs again after the preset. A RUN_RULES
+    flag a script does not have (wsrl.py has no offline phase) is skipped."""
     for flag, condition, requirement in rules:
-        value = getattr(args, flag)
+        value = getattr(args, flag, None)
         if value is not None and not condition(value):
             raise UserError(f"--{flag.replace('_', '-')} {requirement}, got {value}.")
 
@@ -346,10 +347,11 @@ def open_session(algorithm: str, args, task, run_dir: str, progress: Progress, e
     """The logger (config.json and the hyperparameter table for a new run, trimmed logs for a
     resumed one), the evaluation envs and the Session. `elapsed` is None for a new run."""
     resumed = None
+    offline_steps = getattr(args, "offline_steps", 0)  # fine-tuning scripts (wsrl.py) have no offline phase
     if elapsed is not None:
         resumed = Resumed(progress.offline_step + progress.online_step, progress.evaluations, elapsed)
         print(f"Resuming {run_dir} at step {resumed.step}.")
     record = {"algorithm": algorithm, **dataclasses.asdict(args), "domain": task.domain,
               "dataset_id": task.dataset_id, "observation_dim": dims[0], "action_dim": dims[1], **extra_config}
-    logger = RunLogger(run_dir, record, args.offline_steps + args.online_steps, resumed, args.progress)
+    logger = RunLogger(run_dir, record, offline_steps + args.online_steps, resumed, args.progress)
     return Session(algorithm, args, run_dir, progress, logger, Evaluator(make_env, args.eval_episodes, scoring))

@@ -638,6 +638,8 @@ def summarize(table: Table, results: list[RunResult], reps: int = 50_000) -> lis
                "mean": float(finals.mean()) if len(finals) else None,
                "stderr": float(finals.std(ddof=1) / np.sqrt(len(finals))) if len(finals) > 1 else None,
                "iqm": float(iqm(finals)) if len(finals) else None, "iqm_ci_low": None, "iqm_ci_high": None,
+               "success_rate": (float(np.mean([r.evaluations[-1]["success_rate"] for r in done]))
+                                if done and all("success_rate" in r.evaluations[-1] for r in done) else None),
                "published": run.get("published"), "published_offline": run.get("published_offline"),
                "published_missing": run.get("published_missing", ""),
                "reference": run.get("reference"), "reference_offline": run.get("reference_offline")}
@@ -655,6 +657,7 @@ def summarize(table: Table, results: list[RunResult], reps: int = 50_000) -> lis
                      "seeds_finished": len(every), "seeds_unfinished": sum(r["seeds_unfinished"] for r in rows),
                      "unfinished": "", "steps": max(r["steps"] for r in rows), "metric": rows[0]["metric"],
                      "mean": float(every.mean()), "stderr": None, "iqm": float(iqm(every)), "iqm_ci_low": low,
+                     "success_rate": None,
                      "iqm_ci_high": high,
                      "published": float(np.mean(published)) if all(isinstance(p, (int, float)) for p in published) else None,
                      "published_offline": None, "published_missing": "", "reference": None, "reference_offline": None})
@@ -662,7 +665,7 @@ def summarize(table: Table, results: list[RunResult], reps: int = 50_000) -> lis
 
 
 CSV_FIELDS = ("dataset", "paper_dataset", "metric", "seeds_finished", "seeds_unfinished", "steps", "mean", "stderr",
-              "iqm", "iqm_ci_low", "iqm_ci_high", "published", "published_offline", "published_missing", "reference",
+              "iqm", "iqm_ci_low", "iqm_ci_high", "success_rate", "published", "published_offline", "published_missing", "reference",
               "reference_offline", "unfinished")
 
 
@@ -678,7 +681,11 @@ def markdown(table: Table, rows: list[dict[str, Any]], plots: dict[str, str]) ->
         lines += [f"Reference: {table.reference_source.get('name', '')} ({table.reference_source.get('url', '')}).", ""]
     if not table.comparable:
         lines += ["**Not directly comparable.** " + " ".join(table.successor_note.split()), ""]
-    header = ["dataset", "finished seeds", "steps", "mean ± s.e.", "IQM [95% CI]", "published"]
+    has_success = any(row["success_rate"] is not None for row in rows)
+    header = ["dataset", "finished seeds", "steps", "mean ± s.e.", "IQM [95% CI]"]
+    if has_success:
+        header.append("success rate (mean)")
+    header.append("published")
     if has_reference:
         header.append("reference")
     header += ["unfinished runs (not averaged)", "curve"]
@@ -691,7 +698,10 @@ def markdown(table: Table, rows: list[dict[str, Any]], plots: dict[str, str]) ->
         mean = f"{fmt(row['mean'])} ± {fmt(row['stderr'])}" if row["stderr"] is not None else fmt(row["mean"])
         interval = (f"{fmt(row['iqm'])} [{fmt(row['iqm_ci_low'])}, {fmt(row['iqm_ci_high'])}]"
                     if row["iqm"] is not None else "")
-        cells = [row["dataset"], str(row["seeds_finished"]), f"{row['steps']:,}", mean, interval, published]
+        cells = [row["dataset"], str(row["seeds_finished"]), f"{row['steps']:,}", mean, interval]
+        if has_success:
+            cells.append(fmt(row["success_rate"], 2))
+        cells.append(published)
         if has_reference:
             reference = fmt(row["reference"]) if row["reference"] is not None else ""
             if row["reference_offline"] is not None:

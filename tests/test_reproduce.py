@@ -230,6 +230,9 @@ def test_report_numbers_equal_those_computed_from_the_run_folders(killed_and_rer
     assert float(row["stderr"]) == pytest.approx(np.std(finals, ddof=1) / np.sqrt(2))
     assert float(row["iqm"]) == pytest.approx(np.mean(finals))  # two seeds: nothing is trimmed
     assert min(finals) - 1e-9 <= float(row["iqm_ci_low"]) <= float(row["iqm_ci_high"]) <= max(finals) + 1e-9
+    successes = [reproduce.read_jsonl(reproduce.slot_state(slot).run_dir / "evaluations.jsonl")[-1]["success_rate"]
+                 for slot in slots]
+    assert float(row["success_rate"]) == pytest.approx(np.mean(successes))
     assert int(row["steps"]) == 400 and float(row["published"]) == 50.0
     assert "seed 2: interrupted at step 100" in row["unfinished"]
     text = (out / "report.md").read_text()

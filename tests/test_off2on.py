@@ -271,3 +271,27 @@ def test_every_flag_is_documented():
     docs = field_docstrings(off2on.Args)
     assert {field.name for field in dataclasses.fields(off2on.Args)} == set(docs)
     assert all(doc.strip() for doc in docs.values())
+
+
+@pytest.mark.slow
+def test_pretrained_cql_runs_become_the_members(tiny_pointmaze, tmp_path):
+    """--pretrained loads finished cql.py runs as the members, with their widths; with no online
+    steps the run's final checkpoint holds exactly their actors and critics."""
+    cql_flags = ["--env", tiny_pointmaze, "--offline-steps", "30", "--online-steps", "0", "--actor-hidden-dims", "16",
+                 "16", "--critic-hidden-dims", "16", "16", "--batch-size", "32", "--cql-n-actions", "2",
+                 "--eval-episodes", "1", "--progress", "False", "--log-dir", str(tmp_path / "cql")]
+    runs = [cql.main(tyro.cli(cql.Args, args=[*cql_flags, "--seed", str(seed)])) for seed in (0, 4)]
+    run_dir = off2on.main(tyro.cli(off2on.Args, args=[
+        "--env", tiny_pointmaze, "--pretrained", *runs, "--ensemble-size", "2", "--online-steps", "0",
+        "--eval-episodes", "1", "--density-hidden-dims", "16", "16", "--progress", "False",
+        "--log-dir", str(tmp_path / "off2on")]))
+    config = json.load(open(f"{run_dir}/config.json"))
+    assert config["offline_steps"] == 0 and config["actor_hidden_dims"] == [16, 16]
+    assert [(r["step"], r["phase"]) for r in read_evaluations(run_dir)] == [(0, "online")]
+    saved = checkpoint.load(f"{run_dir}/{CHECKPOINT_FILE}")["agent"]
+    for i, source in enumerate(runs):
+        agent, _, _ = cql.load_agent(source)
+        for name in ("actor", "critic"):
+            for loaded, stacked in zip(jax.tree_util.tree_leaves(getattr(agent, name).params),
+                                       jax.tree_util.tree_leaves(saved[name]["params"])):
+                np.testing.assert_array_equal(stacked[i], loaded)

@@ -248,10 +248,13 @@ def resume_command(table: Table, run_dir: Path) -> list[str]:
     return ["python", f"algorithms/{table.algorithm}.py", "--resume", str(run_dir), "--progress", "False"]
 
 
-def run_folders(slot: Path) -> list[Path]:
+def run_folders(slot: Path, algorithm: str | None = None) -> list[Path]:
+    """The run folders in a slot; with `algorithm`, only that script's (a WSRL run may leave the
+    run folder of its in-process pre-training beside its own)."""
     if not slot.is_dir():
         return []
-    return sorted(path for path in slot.iterdir() if path.is_dir() and (path / CONFIG_FILE).is_file())
+    return sorted(path for path in slot.iterdir() if path.is_dir() and (path / CONFIG_FILE).is_file()
+                  and (algorithm is None or path.name.startswith(f"{algorithm}__")))
 
 
 def read_progress(run_dir: Path) -> dict[str, Any] | None:
@@ -282,10 +285,10 @@ class SlotState:
     step: int = 0
 
 
-def slot_state(slot: Path) -> SlotState:
-    """What a slot's run folders say: finished, resumable from a checkpoint, or to be started."""
+def slot_state(slot: Path, algorithm: str | None = None) -> SlotState:
+    """What a slot's run folders (of `algorithm`) say: finished, resumable from a checkpoint, or to be started."""
     best = SlotState("pending")
-    for run_dir in run_folders(slot):
+    for run_dir in run_folders(slot, algorithm):
         progress = read_progress(run_dir)
         if progress is None:
             continue
@@ -305,7 +308,7 @@ class Task:
     slot: Path
 
     def state(self) -> SlotState:
-        return slot_state(self.slot)
+        return slot_state(self.slot, self.table.algorithm)
 
     def command(self, state: SlotState | None = None) -> list[str] | None:
         state = state or self.state()
@@ -362,7 +365,7 @@ def execute(task: Task, env: dict[str, str] | None = None, on_start=None) -> int
         if state.status == "done":
             return 0
         if state.status == "pending":
-            abandoned = run_folders(task.slot)
+            abandoned = run_folders(task.slot, task.table.algorithm)
             if abandoned:  # killed before its first checkpoint: nothing to resume
                 (task.slot / ".abandoned").mkdir(exist_ok=True)
                 for run_dir in abandoned:
@@ -607,7 +610,7 @@ def collect(table: Table, root: str | Path, seeds: int | None = None) -> list[Ru
         env_folder = Path(root) / table.name / env_key(run["env"])
         found = sorted(int(path.name[4:]) for path in env_folder.glob("seed*") if path.name[4:].isdigit())
         for seed in (range(seeds) if seeds is not None else found):
-            state = slot_state(slot_dir(root, table, run["env"], seed))
+            state = slot_state(slot_dir(root, table, run["env"], seed), table.algorithm)
             evaluations, offline = [], table.offline_steps
             if state.run_dir is not None:
                 evaluations = read_jsonl(state.run_dir / EVALUATIONS_FILE)

@@ -124,9 +124,11 @@ def test_slot_state_reads_completion_from_the_checkpoint(tmp_path):
     assert task.state().status == "pending"
     assert task.command()[:4] == ["python", "algorithms/iql.py", "--env", "local/x"]
 
-    (tmp_path / "slot" / "no-checkpoint-yet").mkdir(parents=True)
-    (tmp_path / "slot" / "no-checkpoint-yet" / "config.json").write_text("{}")
+    (tmp_path / "slot" / "iql__no-checkpoint-yet").mkdir(parents=True)
+    (tmp_path / "slot" / "iql__no-checkpoint-yet" / "config.json").write_text("{}")
     assert task.state().status == "pending"  # nothing to resume
+    fake_run(tmp_path / "slot", [0, 100], [1.0, 2.0], finished=True, name="calql__x__0__pretraining")
+    assert task.state().status == "pending"  # another script's run folder (WSRL's pre-training) is not this run
 
     run_dir = fake_run(tmp_path / "slot", [0, 100], [1.0, 2.0], finished=False)
     assert reproduce.read_progress(run_dir)["offline_step"] == 100

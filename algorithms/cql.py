@@ -769,8 +769,9 @@ def start_run(args: Args) -> Run | None:
     task = datasets.resolve(args.env)
     check(task.dataset_id is not None,
           f"--env {args.env} is an environment without a dataset; {ALGORITHM}.py pre-trains offline: name a dataset.")
+    sized_by_preset = args.offline_steps is None  # the note describes the preset's size, not a caller's (wsrl.py)
     args = apply_preset(args, task.domain)
-    if run_dir is None and task.domain in PRESET_NOTES:
+    if run_dir is None and task.domain in PRESET_NOTES and sized_by_preset:
         print(f"Preset {task.domain} ({ALGORITHM}): {PRESET_NOTES[task.domain]}", flush=True)
     validate(args)
     dataset = datasets.load_dataset(task)

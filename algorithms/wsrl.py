@@ -47,8 +47,8 @@ UTD 4, actor lr 1e-4, critic lr 3e-4, temperature lr 1e-4; pre-training: `WSRL_P
   * kitchen: Cal-QL, 3x512 / 3x512, alpha 5 with plain log-sum-exp, reward r - 4, 250k updates.
   * locomotion: CQL (JaxCQL recipe: max backup, no BC), 2x256 / 2x256, alpha 5, raw reward,
     250k updates.
-  * pointmaze: ours, Cal-QL on 2x64 networks with 10 critics, 10k updates, then 10k online steps
-    with a 1000-step warmup: the no-argument run, sized for a few minutes on a CPU.
+  * pointmaze: ours, Cal-QL on 2x64 networks with 10 critics, 5k updates, then 6k online steps
+    with a 1000-step warmup: the no-argument run, sized for minutes on a CPU.
 
 Deviations (named, not hidden):
   * Networks: the pre-training scripts' (JaxCQL's, see calql.py): a tanh-Gaussian actor whose
@@ -107,7 +107,7 @@ DEFAULT_ENV = "local/pointmaze/umaze-dense-v0"
 class Args:
     """WSRL (Zhou et al. 2025): online fine-tuning of a pre-trained Cal-QL/CQL run without its
     offline data. Flags marked [preset] take the domain's preset unless given (launch_wsrl_finetune.sh:
-    500k online steps, warmup 5000; pointmaze, ours: 10k online steps, warmup 1000). Without
+    500k online steps, warmup 5000; pointmaze, ours: 6k online steps, warmup 1000). Without
     --pretrained, the pre-training runs first, in-process (calql.py or cql.py with WSRL's settings)."""
 
     # --- run ---
@@ -145,8 +145,8 @@ class Args:
     """Share of every batch drawn from the offline data (WSRL: 0, the data are not kept)."""
     shuffle_split: bool = False
     """Mix online and offline rows before the split (official: no, minibatches are all-online or all-offline)."""
-    eval_every: int = 10_000
-    """Evaluate every this many online steps, and at the start and end."""
+    eval_every: int | None = None
+    """Evaluate every this many online steps, and at the start and end [preset]."""
     eval_episodes: int = 10
     """Episodes per evaluation (deterministic policy)."""
     log_every: int = 1000
@@ -175,10 +175,11 @@ class Args:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # experiments/scripts/<domain>/launch_wsrl_finetune.sh; train_config.py antmaze_wsrl: max_target_backup
-    "default": dict(online_steps=500_000, warmup_steps=5000, max_target_backup=False),
-    "antmaze": dict(online_steps=500_000, warmup_steps=5000, max_target_backup=True),
+    # (finetune.py: eval_interval 20k)
+    "default": dict(online_steps=500_000, warmup_steps=5000, max_target_backup=False, eval_every=20_000),
+    "antmaze": dict(online_steps=500_000, warmup_steps=5000, max_target_backup=True, eval_every=20_000),
     # ours: the no-argument run (PRESET_NOTES)
-    "pointmaze": dict(online_steps=10_000, warmup_steps=1000, max_target_backup=False),
+    "pointmaze": dict(online_steps=6000, warmup_steps=1000, max_target_backup=False, eval_every=2000),
 }
 _ENSEMBLE = dict(num_qs=10, num_min_qs=2, layer_norm=True, online_steps=0)  # wsrl_config.py / --use_redq
 # (pre-training script, its flags): launch_{calql,cql}_finetune.sh --use_redq and train_config.py
@@ -194,12 +195,12 @@ WSRL_PRETRAINING: dict[str, tuple[str, dict[str, Any]]] = {
                               reward_scale=1.0, reward_bias=-4.0)),
     "locomotion": ("cql", dict(_ENSEMBLE, recipe="jaxcql", offline_steps=250_000, actor_hidden_dims=(256, 256),
                                critic_hidden_dims=(256, 256), cql_alpha=5.0, max_target_backup=True, bc_steps=0)),
-    "pointmaze": ("calql", dict(_ENSEMBLE, offline_steps=10_000, actor_hidden_dims=(64, 64),
-                                critic_hidden_dims=(64, 64), eval_every=5000)),
+    "pointmaze": ("calql", dict(_ENSEMBLE, offline_steps=5000, actor_hidden_dims=(64, 64),
+                                critic_hidden_dims=(64, 64), eval_every=2500)),
 }
 PRESET_NOTES: dict[str, str] = {
-    "pointmaze": "ours, not a paper's: Cal-QL pre-training with 10 LayerNorm critics on 2x64 networks for 10k "
-                 "updates, then 10k online steps (1000 of warmup), sized for a few minutes on a CPU; the paper "
+    "pointmaze": "ours, not a paper's: Cal-QL pre-training with 10 LayerNorm critics on 2x64 networks for 5k "
+                 "updates, then 6k online steps (1000 of warmup), sized for minutes on a CPU; the paper "
                  "presets (1M updates, 500k steps) apply to the paper datasets.",
 }
 

@@ -51,7 +51,8 @@ Presets (explicit flags win):
   * every other domain: the same (the paper has no other setting); the CQL part (alpha,
     Lagrange, BC, reward transform) is cql.py's preset for that domain.
   * pointmaze (ours): 2x64 members, 2x64 density network, 5k pre-training updates (1k BC),
-    10 epochs of 1000 steps: the no-argument run, sized for a few minutes on a 2-core CPU.
+    10 epochs of 1000 steps: the no-argument run, small enough for a CPU (its pre-training, 5 CQL
+    agents x 5k updates, takes over 10 minutes on a shared 2-core CPU; vmapped CQL is GPU work).
 
 Deviations (named, not hidden):
   * Members are cql.py's networks (JaxCQL's: a tanh-Gaussian actor whose log-std is a learned
@@ -111,8 +112,8 @@ class Args:
     """Off2On (Lee et al. 2021): N CQL agents pre-trained offline (vmapped, or N cql.py runs via
     --pretrained), then fine-tuned as one pessimistic ensemble with balanced replay. Flags marked
     [preset] take the domain's preset unless given: locomotion and other domains (ours.py, README)
-    2x256, 1M pre-training updates per agent, 250 epochs of 1000 steps; pointmaze (ours, a few
-    minutes on a 2-core CPU) 2x64, 5k pre-training updates, 10 epochs. An offline step is one
+    2x256, 1M pre-training updates per agent, 250 epochs of 1000 steps; pointmaze (ours, small
+    enough for a CPU) 2x64, 5k pre-training updates, 10 epochs. An offline step is one
     (vmapped) pre-training update; an online step is one environment step."""
 
     # --- run ---
@@ -221,8 +222,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 PRESET_NOTES: dict[str, str] = {
     "pointmaze": "ours, not a paper's: 5 CQL agents (cql.py's PointMaze settings, 1k BC updates) on 2x64 networks "
-                 "pre-trained for 5k vmapped updates, then 10 epochs of 1000 steps, sized for a few minutes on a "
-                 "2-core CPU; the paper presets (2x256, 1M updates, 250 epochs) apply to the paper datasets.",
+                 "pre-trained for 5k vmapped updates, then 10 epochs of 1000 steps, small enough for a CPU (over "
+                 "10 minutes on a 2-core CPU); the paper presets (2x256, 1M updates, 250 epochs) apply to the "
+                 "paper datasets.",
 }
 
 

@@ -294,6 +294,8 @@ class CriticEnsemble(nn.Module):
     Evaluation runs each critic on the rows flattened to one matrix, a loop over the members'
     slices of the stacked parameters: plain matrix products, which a CPU runs faster than the
     batched ones of a vmapped call on CQL's (31 actions x batch) rows (`benchmarks/compare.py`).
+    Ensembles of more than 2 (WSRL's 10) keep the one vmapped call: unrolled over 10 members
+    the update took 78 s to compile against 18 s (`benchmarks/offline_speed.py`, pointmaze).
     """
 
     hidden_dims: tuple[int, ...]
@@ -308,6 +310,8 @@ class CriticEnsemble(nn.Module):
             return ensemble(observations, actions)
         batch_shape = actions.shape[:-1]
         observations = jnp.broadcast_to(observations, (*batch_shape, observations.shape[-1]))
+        if self.num > 2:  # WSRL's 10 critics: one vmapped call (a 10-member loop compiles and runs far slower)
+            return ensemble(observations, actions)
         rows = observations.reshape(-1, observations.shape[-1]), actions.reshape(-1, actions.shape[-1])
         member = Critic(self.hidden_dims, self.layer_norm, parent=None)
         stacked = self.variables["params"][ensemble.name]

@@ -99,7 +99,7 @@ if __package__ in (None, ""):  # run as `python algorithms/off2on.py`: make the 
 from algorithms import cql  # noqa: E402  the pre-training losses and the members' networks
 from common import buffers, datasets, priorities  # noqa: E402
 from common import run as harness  # noqa: E402
-from common.cli import UserError, check, run_cli  # noqa: E402
+from common.cli import check, run_cli  # noqa: E402
 
 ALGORITHM = "off2on"
 MEMBER_SEED_STRIDE = 4  # ours.py loads ./data/cql/{env}_seed{4 i + seed}

@@ -95,7 +95,7 @@ if __package__ in (None, ""):  # run as `python algorithms/wsrl.py`: make the re
 from algorithms import calql, cql  # noqa: E402  the pre-training scripts, whose networks are fine-tuned
 from common import buffers, datasets  # noqa: E402
 from common import run as harness  # noqa: E402
-from common.cli import UserError, check, run_cli  # noqa: E402
+from common.cli import check, run_cli  # noqa: E402
 
 ALGORITHM = "wsrl"
 PRETRAINERS = {"calql": calql, "cql": cql}

@@ -1,5 +1,5 @@
-"""Speed of the per-environment-step update of RLPD or WSRL: compile time and critic gradient
-steps per second.
+"""Speed of the per-environment-step update of RLPD, WSRL or Off2On: compile time and critic
+gradient steps per second.
 
 Times `online_step` of algorithms/rlpd.py, the one jitted call per environment step (insert the
 transition, sample G x B rows, G critic steps in a lax.scan, actor and temperature steps, next
@@ -21,6 +21,18 @@ with an online buffer and no offline data (ratio 0):
     python benchmarks/speed.py --algorithm wsrl --domain antmaze
     python benchmarks/speed.py --algorithm wsrl --domain locomotion --observation-dim 17 --action-dim 6
 
+`--algorithm off2on` times algorithms/off2on.py's epoch, the unit its online phase works in:
+`--epoch-steps` (1000) stochastic actions of the 5-member moment-matched policy (one jitted call
+each), the insert of the epoch's rows at the running maximum priority, then as many updates
+(sum-tree sampling, density-ratio, critic, actor and temperature steps, new priorities) in one
+jitted loop; the buffer holds `--offline-rows` offline rows and a quarter-full 250k online part.
+It also times the vmapped CQL pre-training of the 5 members (updates of all 5 per second):
+
+    python benchmarks/speed.py --algorithm off2on --domain locomotion --observation-dim 17 --action-dim 6
+    python benchmarks/speed.py --algorithm off2on --domain antmaze
+
+Environment stepping is not included in any of these figures.
+
 benchmarks/compare.py runs it to time this side of the RLPD comparison.
 """
 
@@ -39,7 +51,7 @@ import tyro
 if __package__ in (None, ""):  # run as `python benchmarks/speed.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from algorithms import rlpd, wsrl
+from algorithms import off2on, rlpd, wsrl
 from benchmarks.reference.timing import time_calls
 from common import buffers
 
@@ -47,7 +59,7 @@ from common import buffers
 @dataclasses.dataclass
 class SpeedArgs:
     algorithm: str = "rlpd"
-    """rlpd or wsrl."""
+    """rlpd, wsrl or off2on."""
     domain: str = "antmaze"
     """Preset to time (antmaze, locomotion, adroit)."""
     observation_dim: int = 29
@@ -55,15 +67,21 @@ class SpeedArgs:
     action_dim: int = 8
     """Action size (AntMaze: 8)."""
     utd: int | None = None
-    """G, critic steps per environment step (default: RLPD 20, WSRL 4)."""
+    """G, critic steps per environment step (default: RLPD 20, WSRL 4; Off2On: its preset, not this flag)."""
     batch_size: int | None = None
-    """Minibatch size B (default: RLPD 256, WSRL 1024, the batch its G steps split)."""
+    """Minibatch size B (default: RLPD 256, WSRL 1024, the batch its G steps split; Off2On: its preset)."""
     offline_rows: int = 1_000_000
     """Rows in the offline buffer (D4RL AntMaze holds 1M)."""
     calls: int = 20
     """Timed calls after the first (warm-up) call (at least this many; see --min-seconds)."""
     min_seconds: float = 0.0
     """Keep timing calls until at least this many seconds have passed (0: exactly --calls)."""
+    epoch_steps: int = 1000
+    """Off2On only: environment steps (and updates) per timed epoch."""
+    epochs: int = 2
+    """Off2On only: timed epochs after the first (warm-up) one (at least this many; see --min-seconds)."""
+    pretrain_updates: int = 100
+    """Off2On only: vmapped CQL pre-training updates per timed call."""
     compare_unrolled: bool = False
     """Also measure compile time with the G critic steps unrolled in Python (official code style)."""
 
@@ -106,6 +124,8 @@ def time_online_step(online_step, agent, online, offline, transition, args: Spee
 def measure(args: SpeedArgs) -> dict:
     if args.algorithm == "wsrl":
         return measure_wsrl(args)
+    if args.algorithm == "off2on":
+        return measure_off2on(args)
     args = dataclasses.replace(args, utd=args.utd or 20, batch_size=args.batch_size or 256)
     train_args = rlpd.apply_preset(rlpd.Args(utd=args.utd, batch_size=args.batch_size), args.domain)
     config = rlpd.make_config(train_args, args.action_dim)
@@ -149,6 +169,58 @@ def measure_wsrl(args: SpeedArgs) -> dict:
             "critic_hidden_dims": list(pre_args.critic_hidden_dims), "actor_hidden_dims": list(pre_args.actor_hidden_dims),
             "max_target_backup": train_args.max_target_backup, "utd": train_args.utd,
             "batch_size": train_args.batch_size, **timing}
+
+
+def measure_off2on(args: SpeedArgs) -> dict:
+    """Off2On's epoch (actions, insert, updates) and its vmapped pre-training, on freshly
+    initialised members of the domain's preset and buffers of random rows."""
+    train_args = off2on.apply_preset(off2on.Args(epoch_steps=args.epoch_steps), args.domain)
+    train_args = dataclasses.replace(train_args, target_entropy=-float(args.action_dim))
+    cql_args = dataclasses.replace(off2on.pretraining_args(train_args, args.domain),
+                                   target_entropy=-float(args.action_dim))
+    config = off2on.make_config(train_args, args.action_dim)
+    cql_config = off2on.cql.make_config(cql_args, args.action_dim)
+    dims = (args.observation_dim, args.action_dim)
+    members = off2on.create_members(cql_args, cql_config, off2on.member_seeds(train_args), *dims)
+    rng = np.random.default_rng(0)
+    offline = buffers.from_arrays(random_rows(rng, args.offline_rows, *dims))
+    online_capacity = train_args.online_steps
+    online = buffers.insert_rows(buffers.empty_like({key: value[0] for key, value in offline.data.items()},
+                                                    online_capacity),
+                                 random_rows(rng, online_capacity // 4, *dims))
+    tree = off2on.priorities.from_priorities(np.ones(args.offline_rows, np.float32), args.offline_rows + online_capacity)
+    replay = off2on.Replay(online, off2on.priorities.insert(
+        tree, args.offline_rows + np.arange(online_capacity // 4)))
+    pretrain, train, act, insert = off2on.make_step_functions(train_args, config, cql_config, args.offline_rows)
+    observation = np.asarray(offline.data["observations"][0])
+    members, pretrain_calls, pretrain_seconds = time_calls(lambda m: pretrain(m, offline, args.pretrain_updates)[0],
+                                                           members, jax.block_until_ready, args.min_seconds)
+    agent = off2on.fine_tuning_agent(members.actor.params, members.critic.params, train_args, config, *dims)
+    updates = train_args.utd * args.epoch_steps
+
+    def epoch(state):
+        agent, replay = state
+        for _ in range(args.epoch_steps):
+            agent, action = act(agent, observation)
+            np.asarray(action)  # the training loop waits for each action to step the environment
+        replay = insert(replay, np.int32(online_capacity // 4))
+        agent, replay, _ = train(agent, offline, replay, updates)
+        return agent, replay
+
+    start = time.perf_counter()
+    (agent, replay), epochs, seconds = time_calls(epoch, (agent, replay), jax.block_until_ready, args.min_seconds,
+                                                  min_calls=args.epochs)
+    first_epoch_seconds = time.perf_counter() - start - seconds  # includes compiling act, insert and train
+    steps = epochs * args.epoch_steps
+    return {"algorithm": "off2on", "domain": args.domain, "ensemble_size": train_args.ensemble_size,
+            "critic_hidden_dims": list(train_args.critic_hidden_dims), "batch_size": train_args.batch_size,
+            "offline_rows": args.offline_rows, "online_capacity": online_capacity,
+            "device": jax.devices()[0].device_kind, "first_epoch_seconds_with_compile": round(first_epoch_seconds, 2),
+            "env_steps_per_second": round(steps / seconds, 1),
+            "updates_per_second": round(epochs * updates / seconds, 1),
+            "timed_epochs": epochs, "timed_seconds": round(seconds, 2),
+            "pretrain_updates_per_second": round(pretrain_calls * args.pretrain_updates / pretrain_seconds, 1),
+            "pretrain_timed_seconds": round(pretrain_seconds, 2)}
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ import tyro
 
 from algorithms import cql, off2on
 from common import checkpoint, datasets
-from common.cli import UserError
+from common.cli import RunStopped, UserError
 from common.logger import CHECKPOINT_FILE, read_evaluations
-from tests.conftest import field_docstrings, run_script, scalar_steps, scores
+from tests.conftest import field_docstrings, kill_after_checkpoint, run_script, scalar_steps, scores
 
 TINY = ["--actor-hidden-dims", "16", "16", "--critic-hidden-dims", "16", "16", "--density-hidden-dims", "16", "16",
         "--batch-size", "32", "--density-batch-size", "32", "--cql-n-actions", "2", "--bc-steps", "20",
@@ -234,31 +234,49 @@ def test_end_to_end_run(reference_run):
     assert kernel.shape[0] == 5 and not np.allclose(kernel[0], kernel[1])
 
 
-class Crash(Exception):
-    pass
+def test_resume_after_sigkill_matches_the_uninterrupted_run(reference_run, tiny_pointmaze, tmp_path):
+    """SIGKILLed after a fine-tuning checkpoint (online step 250, 500 or 750 of 1000), resumed
+    from it, the run ends with the evaluations, training curve and priorities of the
+    uninterrupted one (the work after the checkpoint is redone the same way)."""
+    killed = kill_after_checkpoint("off2on.py", ["--env", tiny_pointmaze, *TINY], tmp_path,
+                                   ready=lambda payload: 0 < payload["progress"]["online_step"] < 1000)
+    assert len(scores(killed)) < len(scores(reference_run))
+    off2on.main(off2on.Args(resume=str(killed), progress=False))
+    assert scores(killed) == scores(reference_run)
+    assert scalar_steps(killed, "train/critic_loss") == scalar_steps(reference_run, "train/critic_loss")
+    final, reference = (checkpoint.load(f"{d}/{CHECKPOINT_FILE}") for d in (killed, reference_run))
+    np.testing.assert_array_equal(final["priorities"], reference["priorities"])
 
 
-def test_resume_after_a_crash_matches_the_uninterrupted_run(reference_run, tiny_pointmaze, tmp_path, monkeypatch):
-    """Killed right after its second checkpoint (online step 350 of 1100), resumed, the run ends
-    with the evaluations, training curve and networks of the uninterrupted one."""
-    original, calls = off2on.Run.checkpoint, []
+def test_a_stop_mid_epoch_keeps_the_owed_updates(reference_run, tiny_pointmaze, tmp_path, monkeypatch):
+    """A stop signal during the first epoch's updates (after 3 of its 5 chunks) checkpoints with
+    the 200 updates still owed; the resumed run does them first and ends as the uninterrupted one."""
+    original = off2on.start_run
 
-    def crash_after_second(self, step):
-        original(self, step)
-        calls.append(step)
-        if len(calls) == 2:
-            raise Crash
+    def start_with_a_stop(args):
+        run, calls = original(args), []
+        train = run.train
 
-    monkeypatch.setattr(off2on.Run, "checkpoint", crash_after_second)
-    with pytest.raises(Crash):
+        def train_then_stop(*inputs):
+            calls.append(None)
+            if len(calls) == 3:
+                run.session.stops.received = "SIGTERM"
+            return train(*inputs)
+
+        run.train = train_then_stop
+        return run
+
+    monkeypatch.setattr(off2on, "start_run", start_with_a_stop)
+    with pytest.raises(RunStopped):
         off2on.main(tyro.cli(off2on.Args, args=["--env", tiny_pointmaze, "--log-dir", str(tmp_path), *TINY]))
-    monkeypatch.setattr(off2on.Run, "checkpoint", original)
+    monkeypatch.setattr(off2on, "start_run", original)
     (run_dir,) = tmp_path.iterdir()
-    assert calls == [350, 600] and len(scores(run_dir)) < len(scores(reference_run))
+    progress = checkpoint.load(f"{run_dir}/{CHECKPOINT_FILE}")["progress"]
+    assert (progress["online_step"], progress["pending_updates"]) == (250, 200)
     off2on.main(off2on.Args(resume=str(run_dir), progress=False))
     assert scores(run_dir) == scores(reference_run)
-    assert scalar_steps(run_dir, "train/critic_loss") == scalar_steps(reference_run, "train/critic_loss")
     final, reference = (checkpoint.load(f"{d}/{CHECKPOINT_FILE}") for d in (run_dir, reference_run))
+    assert int(final["agent"]["critic"]["step"]) == int(reference["agent"]["critic"]["step"]) == 500 + 3 * 250
     np.testing.assert_array_equal(final["priorities"], reference["priorities"])
 
 

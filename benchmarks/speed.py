@@ -80,7 +80,7 @@ class SpeedArgs:
     """Off2On only: environment steps (and updates) per timed epoch."""
     epochs: int = 2
     """Off2On only: timed epochs after the first (warm-up) one (at least this many; see --min-seconds)."""
-    pretrain_updates: int = 100
+    pretrain_updates: int = 20
     """Off2On only: vmapped CQL pre-training updates per timed call."""
     compare_unrolled: bool = False
     """Also measure compile time with the G critic steps unrolled in Python (official code style)."""

@@ -182,6 +182,7 @@ def test_list_prints_every_table_with_its_run_count():
     assert "not measured" in rlpd
     off2on = next(line for line in result.stdout.splitlines() if line.startswith("off2on-locomotion "))
     assert " 12 " in off2on and " 60 " in off2on  # every row has a dataset (ours where Minari has none)
+    assert " 178 " in off2on  # 1M vmapped pre-training updates at 1.6/s, then 250k steps at 15.4/s
     wsrl = next(line for line in result.stdout.splitlines() if line.startswith("wsrl-antmaze "))
     assert wsrl.count("not measured") == 3  # no measured WSRL throughput: CPU per run, CPU total, GPU
 

@@ -24,7 +24,9 @@ def script(module) -> str:
     return f"{module.ALGORITHM}.py"
 
 
-@MODULES
+# Slow for calql: its runs share cql's loop line for line, and calql runs offline then online in
+# the fast suite's SIGKILL resume test below.
+@pytest.mark.parametrize("module", [cql, pytest.param(calql, marks=pytest.mark.slow)], ids=["cql", "calql"])
 def test_smoke_run_offline_then_online(module, tiny_pointmaze, tmp_path):
     start = time.time()
     result = run_script(script(module), "--env", tiny_pointmaze, "--offline-steps", "200", "--online-steps", "400",

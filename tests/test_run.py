@@ -127,12 +127,13 @@ def test_checkpoint_file_mode_follows_the_umask(tmp_path):
     assert mode == 0o644
 
 
-def test_sigterm_is_recorded_and_hands_sigint_back_to_the_system():
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_is_recorded_and_hands_sigint_back_to_the_system(stop):
     previous = signal.getsignal(signal.SIGINT)
     with run.StopSignals() as stops:
         assert signal.getsignal(signal.SIGINT) == stops._handle
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stops.received == "SIGTERM"
+        os.kill(os.getpid(), stop)
+        assert stops.received == stop.name
         assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL  # a second Ctrl-C ends the process at once
     assert signal.getsignal(signal.SIGINT) == previous and signal.getsignal(signal.SIGTERM) != stops._handle
 

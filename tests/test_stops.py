@@ -47,8 +47,10 @@ def wait_for_evaluations(log_dir: Path, count: int, process: subprocess.Popen, t
 
 # Offline phases are stopped at the end of an update chunk, where the state is complete: the
 # resumed run must equal an uninterrupted one. The stop handling is common/run.py's, the same in
-# every script; one script per signal keeps the suite short (iql is stopped below as well).
-@pytest.mark.parametrize("module, stop", [(rlpd, signal.SIGINT), (cql, signal.SIGTERM)], ids=["rlpd", "cql"])
+# every script; one script per signal keeps the suite short (iql is stopped below as well). SIGINT
+# and SIGTERM share one handler (tests/test_run.py), so the SIGINT case is in the slow tests.
+@pytest.mark.parametrize("module, stop", [pytest.param(rlpd, signal.SIGINT, marks=pytest.mark.slow),
+                                          (cql, signal.SIGTERM)], ids=["rlpd", "cql"])
 def test_a_stop_signal_checkpoints_and_the_resumed_run_matches(module, stop, tiny_pointmaze, tmp_path):
     flags = ["--env", tiny_pointmaze, "--offline-steps", "800", "--online-steps", "0", "--log-every", "50",
              "--eval-every", "400", *TINY[module]]

@@ -1,4 +1,4 @@
-"""Speed of the per-environment-step update of RLPD, WSRL or Off2On: compile time and critic
+"""Speed of the online update of RLPD, WSRL or Off2On: compile time, environment steps and
 gradient steps per second.
 
 Times `online_step` of algorithms/rlpd.py, the one jitted call per environment step (insert the
@@ -171,6 +171,16 @@ def measure_wsrl(args: SpeedArgs) -> dict:
             "batch_size": train_args.batch_size, **timing}
 
 
+def off2on_buffers(rng, offline_rows: int, online_capacity: int, online_rows: int, dims):
+    """Random offline rows, and Off2On's replay: an online part holding `online_rows` of its
+    capacity, offline rows at priority 1 and the online ones at the running maximum."""
+    offline = buffers.from_arrays(random_rows(rng, offline_rows, *dims))
+    online = buffers.insert_rows(buffers.empty_like({key: value[0] for key, value in offline.data.items()},
+                                                    online_capacity), random_rows(rng, online_rows, *dims))
+    tree = off2on.priorities.from_priorities(np.ones(offline_rows, np.float32), offline_rows + online_capacity)
+    return offline, off2on.Replay(online, off2on.priorities.insert(tree, offline_rows + np.arange(online_rows)))
+
+
 def measure_off2on(args: SpeedArgs) -> dict:
     """Off2On's epoch (actions, insert, updates) and its vmapped pre-training, on freshly
     initialised members of the domain's preset and buffers of random rows."""
@@ -182,15 +192,8 @@ def measure_off2on(args: SpeedArgs) -> dict:
     cql_config = off2on.cql.make_config(cql_args, args.action_dim)
     dims = (args.observation_dim, args.action_dim)
     members = off2on.create_members(cql_args, cql_config, off2on.member_seeds(train_args), *dims)
-    rng = np.random.default_rng(0)
-    offline = buffers.from_arrays(random_rows(rng, args.offline_rows, *dims))
-    online_capacity = train_args.online_steps
-    online = buffers.insert_rows(buffers.empty_like({key: value[0] for key, value in offline.data.items()},
-                                                    online_capacity),
-                                 random_rows(rng, online_capacity // 4, *dims))
-    tree = off2on.priorities.from_priorities(np.ones(args.offline_rows, np.float32), args.offline_rows + online_capacity)
-    replay = off2on.Replay(online, off2on.priorities.insert(
-        tree, args.offline_rows + np.arange(online_capacity // 4)))
+    online_capacity, online_rows = train_args.online_steps, train_args.online_steps // 4
+    offline, replay = off2on_buffers(np.random.default_rng(0), args.offline_rows, online_capacity, online_rows, dims)
     pretrain, train, act, insert = off2on.make_step_functions(train_args, config, cql_config, args.offline_rows)
     observation = np.asarray(offline.data["observations"][0])
     members, pretrain_calls, pretrain_seconds = time_calls(lambda m: pretrain(m, offline, args.pretrain_updates)[0],
@@ -203,7 +206,7 @@ def measure_off2on(args: SpeedArgs) -> dict:
         for _ in range(args.epoch_steps):
             agent, action = act(agent, observation)
             np.asarray(action)  # the training loop waits for each action to step the environment
-        replay = insert(replay, np.int32(online_capacity // 4))
+        replay = insert(replay, np.int32(online_rows))  # timing only: the same slots each epoch
         agent, replay, _ = train(agent, offline, replay, updates)
         return agent, replay
 

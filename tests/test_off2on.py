@@ -276,6 +276,7 @@ def test_a_stop_mid_epoch_keeps_the_owed_updates(reference_run, tiny_pointmaze, 
     assert (progress["online_step"], progress["pending_updates"]) == (250, 200)
     off2on.main(off2on.Args(resume=str(run_dir), progress=False))
     assert scores(run_dir) == scores(reference_run)
+    assert scalar_steps(run_dir, "train/critic_loss") == scalar_steps(reference_run, "train/critic_loss")
     final, reference = (checkpoint.load(f"{d}/{CHECKPOINT_FILE}") for d in (run_dir, reference_run))
     assert int(final["agent"]["critic"]["step"]) == int(reference["agent"]["critic"]["step"]) == 500 + 3 * 250
     np.testing.assert_array_equal(final["priorities"], reference["priorities"])

@@ -65,9 +65,12 @@ def test_online_trajectories_get_their_returns_to_go(tiny_pointmaze, tmp_path):
 
 
 # The two files share their training loop line for line, so each phase is tested in one of them.
+# The offline case is slow: an offline phase resumed from its checkpoint is checked in the fast
+# suite by tests/test_stops.py (cql.py stopped by SIGTERM, resumed, equal to the full run).
 @pytest.mark.parametrize("module, phase_flags", [
     (calql, ["--offline-steps", "100", "--online-steps", "700"]),  # checkpoints at trajectory ends (300, 600)
-    (cql, ["--offline-steps", "500", "--online-steps", "100", "--log-every", "50"]),  # every 150 updates
+    pytest.param(cql, ["--offline-steps", "500", "--online-steps", "100", "--log-every", "50"],  # every 150 updates
+                 marks=pytest.mark.slow),
 ], ids=["online-calql", "offline-cql"])
 def test_resume_after_sigkill_matches_uninterrupted_run(module, phase_flags, tiny_pointmaze, tmp_path):
     flags = ["--env", tiny_pointmaze, "--checkpoint-every", "150", *TINY, *phase_flags]

@@ -68,7 +68,7 @@ def test_same_seed_same_evaluations(tiny_pointmaze, tmp_path):
     # phase, so the numpy generator's state matters as much as the networks' and the buffers'.
     ["--online-steps", "1500", "--start-training", "450"],
     # Offline: checkpoints every 150 updates, evaluations every 100. Slow: the offline-phase resume
-    # is the harness's, checked in the fast suite on cql.py (tests/test_cql_runs.py).
+    # is the harness's, checked in the fast suite on cql.py (tests/test_stops.py, a SIGTERM mid-phase).
     pytest.param(["--offline-steps", "900", "--online-steps", "300", "--log-every", "50"], marks=pytest.mark.slow),
 ], ids=["online", "offline"])
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_pointmaze, tmp_path, phase_flags):

@@ -105,10 +105,12 @@ def check_log_dir(log_dir: str) -> None:
         raise UserError(f"cannot write to --log-dir {log_dir}.")
 
 
-def read_run_config(run_dir: str, args_type: type, algorithm: str,
-                    older_runs: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+def read_run_config(run_dir: str, args_type: type, algorithm: str, older_runs: dict[str, Any] | None = None,
+                    retired: dict[str, Any] | None = None, hint: str = "") -> tuple[Any, dict[str, Any]]:
     """The Args a run folder was started with, and its whole config.json. `older_runs` gives the
-    value of flags added since, for run folders written before them."""
+    value of flags added since, for run folders written before them; `retired` names settings
+    removed since, with the value under which an older run is still the same run: a folder that
+    used another value is refused with one message (and `hint`)."""
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise UserError(f"{run_dir}: no {CONFIG_FILE} there; is it a run folder of {algorithm}.py?")
@@ -123,10 +125,16 @@ def read_run_config(run_dir: str, args_type: type, algorithm: str,
         raise UserError(f"cannot read {path}: {error}") from None
     if saved.get("algorithm") != algorithm:
         raise UserError(f"{run_dir} is a run of {saved.get('algorithm')!r}, not {algorithm}.")
+    used = [f"{name} = {saved[name]!r}" for name, value in (retired or {}).items()
+            if name in saved and saved[name] != value]
+    if used:
+        raise UserError(f"{run_dir} was written by an older {algorithm}.py with settings this version no longer "
+                        f"has ({', '.join(used)}); it cannot be continued. {hint}".rstrip())
     return args, saved
 
 
-def resolve_resume(args, algorithm: str, extra_keys: tuple[str, ...] = (), older_runs: dict[str, Any] | None = None):
+def resolve_resume(args, algorithm: str, extra_keys: tuple[str, ...] = (), older_runs: dict[str, Any] | None = None,
+                   retired: dict[str, Any] | None = None, hint: str = ""):
     """(Args to run with, run folder to resume or None, its checkpoint or None).
 
     A resumed run takes its saved Args, except for the display-only flags given now; a missing
@@ -135,7 +143,7 @@ def resolve_resume(args, algorithm: str, extra_keys: tuple[str, ...] = (), older
     if args.resume is None:
         return args, None, None
     run_dir = args.resume
-    saved_args, _ = read_run_config(run_dir, type(args), algorithm, older_runs)
+    saved_args, _ = read_run_config(run_dir, type(args), algorithm, older_runs, retired, hint)
     defaults = type(args)()
     ignored = [f"--{field.name.replace('_', '-')}" for field in dataclasses.fields(args)
                if field.name not in ("resume", *DISPLAY_FLAGS)

@@ -8,9 +8,12 @@
     function pair (`save_checkpoint`, `read_checkpoint` + `restore_checkpoint`);
   * `Session`: what a training loop asks of its run besides the algorithm: evaluations, reset
     seeds, when a checkpoint is due (every `--checkpoint-every` steps or `--checkpoint-minutes`
-    minutes, whichever comes first), SIGINT / SIGTERM (finish the step, checkpoint, print the
-    resume command, exit with `cli.EXIT_STOPPED`; a second Ctrl-C ends the process at once,
-    printing nothing), and the closing summary line;
+    minutes, whichever comes first), stop signals (SIGINT, SIGTERM, and SIGUSR1 / SIGUSR2, the
+    time-limit warnings schedulers send: checkpoint within seconds, print the resume command,
+    exit with `cli.EXIT_STOPPED`; a second Ctrl-C ends the process at once, printing nothing),
+    and the closing summary line. A stop cuts update chunks short (`Session.updates`) and is
+    never held up by an evaluation: one due, or under way, is owed to the resumed run, which
+    does it first;
   * `--capture-video`: the rendering backend checked at start-up (`prepare_video`), and episode 0
     of every evaluation written to `videos/{phase}_{step}.mp4` (`Session.evaluate`).
 """
@@ -180,6 +183,9 @@ class Progress:
     next_checkpoint: int = 0
     pending_updates: int = 0  # updates owed to rows already in the buffer (a stop mid-trajectory)
     finished: bool = False
+    # an evaluation a stop cut short or kept from starting: the resumed run does it first (phase, step)
+    owed_phase: str = ""
+    owed_step: int = -1
 
 
 CHECKPOINT_KEYS = ("agent", "online_rows", "online_cursor", "progress", "elapsed")
@@ -256,25 +262,37 @@ def array_or_none(value: np.ndarray) -> np.ndarray | None:
 
 
 class Stopped(Exception):
-    """Raised after the checkpoint that a SIGINT / SIGTERM asked for has been written."""
+    """Raised after the checkpoint that a stop signal asked for has been written."""
+
+
+class _EvaluationCut(Exception):
+    """Raised inside an evaluation's policy once a stop is requested: the evaluation is owed."""
 
 
 class StopSignals:
-    """SIGINT and SIGTERM (what schedulers send before a kill) set `received` instead of killing
-    the run; the loop checkpoints at its next safe point. After the first signal SIGINT is the
+    """Stop signals set `received` instead of killing the run; the loop checkpoints at its next
+    safe point, seconds away. SIGINT is Ctrl-C; SIGTERM is what schedulers send before a kill
+    (pre-emption, scancel, a requeue) and what reproduce.py forwards; SIGUSR1 / SIGUSR2 are the
+    warnings a scheduler sends ahead of a time limit (SLURM's `--signal=USR2@90`, which submitit
+    and reproduce.py use, sends it to every process of the job step, this one included); without a
+    handler they would kill the run with no checkpoint. After the first signal SIGINT is the
     system's again, so a second Ctrl-C ends the process at once, even inside a long jitted call."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    WHY = {"SIGINT": "Ctrl-C", "SIGTERM": "a stop request (scheduler pre-emption, scancel, a requeue, the runner)",
+           "SIGUSR1": "a scheduler's time-limit warning", "SIGUSR2": "a scheduler's time-limit warning"}
 
     def __init__(self):
         self.received: str | None = None
         self._previous = {}
 
     def _handle(self, number, frame):
+        first = self.received is None
         self.received = signal.Signals(number).name
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        print(f"\n{self.received} received: finishing this step, then writing a checkpoint "
-              f"(press Ctrl-C again to stop at once, without saving).", flush=True)
+        if first:
+            print(f"\n{self.received} received ({self.WHY[self.received]}): writing a checkpoint within seconds "
+                  f"(press Ctrl-C again to stop at once, without saving).", flush=True)
 
     def __enter__(self):
         for number in self.SIGNALS:
@@ -327,21 +345,74 @@ class Session:
         self.progress, self.logger, self.evaluator = progress, logger, evaluator
         self.stops = StopSignals()
         self._last_save = time.monotonic()
+        self._last_evaluated: int | None = None
+        # the script's evaluate(phase, step), given to `run`: only a script that settles an owed
+        # evaluation on resume may have one cut short by a stop
+        self._settle: Callable[[str, int], None] | None = None
 
     def evaluate(self, policy: Callable[[np.ndarray], np.ndarray], phase: str, step: int) -> None:
         """One evaluation, logged at `step`; with --capture-video its episode 0 goes to
         `videos/{phase}_{step}.mp4` (named in evaluations.jsonl; a resumed run that redoes an
-        evaluation writes the same file again)."""
+        evaluation writes the same file again).
+
+        Once a stop is requested, no evaluation starts and one under way is abandoned at its next
+        environment step: it is recorded as owed (`Progress.owed_phase` / `owed_step`), the
+        caller checkpoints before any update, and the resumed run does it first with the same
+        policy and reset seeds. (Only for scripts that pass `evaluate` to `run`.)"""
+        if self._settle is not None:
+            if self.stop_requested:
+                self._owe(phase, step)
+                return
+            policy = self._cut_on_stop(policy)
         seed = episode_seed(self.args.seed, 1, self.progress.evaluations)
-        if not capture_video(self.args):  # (the calls that the tests' stand-in evaluators and loggers take)
-            metrics = self.evaluator(policy, seed)
-            self.progress.evaluations += 1
-            self.logger.evaluation(step, phase, metrics)
+        video = video_file(phase, step) if capture_video(self.args) else None
+        try:
+            if video is None:  # (the calls that the tests' stand-in evaluators and loggers take)
+                metrics = self.evaluator(policy, seed)
+            else:
+                metrics = self.evaluator(policy, seed, os.path.join(self.run_dir, video))
+        except _EvaluationCut:
+            self._owe(phase, step)
             return
-        video = video_file(phase, step)
-        metrics = self.evaluator(policy, seed, os.path.join(self.run_dir, video))
         self.progress.evaluations += 1
-        self.logger.evaluation(step, phase, metrics, video=video)
+        self._last_evaluated = step
+        if video is None:
+            self.logger.evaluation(step, phase, metrics)
+        else:
+            self.logger.evaluation(step, phase, metrics, video=video)
+
+    def _cut_on_stop(self, policy: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+        def checked(observations):
+            if self.stop_requested:
+                raise _EvaluationCut
+            return policy(observations)
+        return checked
+
+    def _owe(self, phase: str, step: int) -> None:
+        self.progress.owed_phase, self.progress.owed_step = phase, step
+        print(f"Evaluation at step {step} left to the resumed run (a stop was requested).", flush=True)
+
+    @property
+    def owes_evaluation(self) -> bool:
+        return bool(self.progress.owed_phase)
+
+    def evaluated_at(self, step: int) -> bool:
+        """Whether this process has evaluated at `step` (the owed evaluation a resumed run settled
+        first is the phase-opening one its loop would otherwise do again)."""
+        return self._last_evaluated == step
+
+    def updates(self, total: int, call: Callable[[int], Any], piece: int) -> tuple[int, Any]:
+        """`total` updates as calls `call(n)` of at most `piece` updates each (the script's jitted
+        chunk, returning its info), each waited for, so a stop is seen within one piece: the
+        loop stops early and the caller checkpoints at once. The random stream is the same however
+        the updates are split (each update splits its own key), so a resumed run stays exact.
+        Returns (updates done, the last call's info; None when none ran)."""
+        done, info = 0, None
+        while done < total and not self.stop_requested:
+            size = min(piece, total - done)
+            info = jax.block_until_ready(call(size))  # dispatch is asynchronous: wait, then look for a stop
+            done += size
+        return done, info
 
     def reset_seed(self) -> int:
         return episode_seed(self.args.seed, 0, self.progress.episode)
@@ -369,19 +440,38 @@ class Session:
         self.logger.scalars({**{f"train/{name}": value for name, value in info.items()},
                              "time/sps": self.logger.steps_per_second()}, step)
 
-    def run(self, phases: Callable[[], None], save_final: Callable[[], None]) -> None:
+    def run(self, phases: Callable[[], None], save_final: Callable[[], None],
+            evaluate: Callable[[str, int], None] | None = None) -> None:
         """Run the loop with stop handling, write the final checkpoint and print the summary.
-        A signal ends in RunStopped (the CLI exits with EXIT_STOPPED) after its checkpoint."""
+        A signal ends in RunStopped (the CLI exits with EXIT_STOPPED) after its checkpoint.
+
+        `evaluate(phase, step)`: the script's evaluation of its current agent. Given, a stop never
+        waits for an evaluation (see `evaluate`), and an evaluation owed by the checkpoint this run
+        resumed from is done here, before any update. A stop before that leaves the checkpoint
+        on disk as it is (it already holds this state)."""
+        self._settle = evaluate
         with self.stops:
             try:
+                self._settle_owed()
                 phases()
-                self.progress.finished = True
+                self.progress.finished = not self.owes_evaluation  # else save_final stops, owing it
                 save_final()
             except Stopped:
                 self._close()
                 raise RunStopped(f"stopped by {self.stops.received}; checkpoint written. Continue with:\n  "
                                  f"{resume_command(self.algorithm, self.run_dir)}") from None
         self._close()
+
+    def _settle_owed(self) -> None:
+        if not self.owes_evaluation:
+            return
+        if self.stop_requested:
+            raise Stopped
+        phase, step = self.progress.owed_phase, self.progress.owed_step
+        self.progress.owed_phase, self.progress.owed_step = "", -1
+        self._settle(phase, step)
+        if self.owes_evaluation:  # cut short again: nothing moved, the checkpoint on disk holds this state
+            raise Stopped
 
     def _close(self) -> None:
         self.logger.close()

@@ -147,7 +147,7 @@ def _unknown_name_message(name: str, short: str) -> str:
     close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
     if close:
         message += " Closest names: " + ", ".join(close) + "."
-    return message + " See the README's dataset table, or `minari list local`."
+    return message + " See docs/datasets.md, or `minari list local`."
 
 
 def _local_ids() -> list[str]:

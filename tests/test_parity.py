@@ -1,0 +1,164 @@
+"""benchmarks/parity.py without the reference code: its mapping and comparison logic, run against a
+stand-in "official" agent. The stand-in is our own rlpd.py, its parameters written in the official
+layout (ikostrikov/rlpd's module names) and its outputs keyed as benchmarks/reference/rlpd_parity.py
+keys them; with one deliberate change it must be reported as a difference, and unchanged it must pass."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from algorithms import rlpd
+from benchmarks import parity
+from benchmarks.reference.parity_io import flatten, unflatten
+
+THEIR_NAMES = {network: {ours: theirs for theirs, ours in renames.items()}
+               for network, renames in parity.RLPD_RENAMES.items()}
+ARGS = parity.ParityArgs(keys=64, hidden=8, batch_size=32, observation_dim=5, action_dim=2)
+
+
+def case(name: str) -> dict:
+    return next(case for case in parity.rlpd_cases(ARGS) if case["case"] == name)
+
+
+def batch() -> dict:
+    return parity.make_batch(ARGS.seed, 2 * ARGS.batch_size, ARGS.observation_dim, ARGS.action_dim)
+
+
+def standin(cases: list[dict], rows: dict) -> dict:
+    """What the reference driver would write, made by OUR code: initial parameters as the driver
+    sets them (log-std head and temperature), then our outputs, update and draws, renamed to
+    their module names and prefixed by the case."""
+    arrays = {}
+    for settings in cases:
+        args = parity.rlpd_our_args(settings)
+        agent = rlpd.create_agent(args, rlpd.make_config(args, ARGS.action_dim), ARGS.observation_dim,
+                                  ARGS.action_dim)
+        params = parity.rlpd_our_params(agent)
+        if settings.get("log_std_bias") is not None:
+            head = params["actor"]["Dense_1"]
+            params["actor"] = {**params["actor"], "Dense_1": {"kernel": jnp.zeros_like(head["kernel"]),
+                                                              "bias": jnp.full_like(head["bias"], settings["log_std_bias"])}}
+        if settings.get("log_temp") is not None:
+            params["temp"] = {"log_temp": jnp.asarray(settings["log_temp"], jnp.float32)}
+        ours = {**flatten({"init": params}), **parity.rlpd_our_side(settings, rows, params)}
+        for path, value in ours.items():
+            parts = path.split("/")
+            if len(parts) > 2 and parts[1] in THEIR_NAMES:  # init/NETWORK/... and updated/NETWORK/...
+                path = "/".join(parts[:2]) + "/" + next(iter(parity.rename({"/".join(parts[2:]): 0},
+                                                                           THEIR_NAMES[parts[1]])))
+            arrays[f"{settings['case']}/{path}"] = value
+    return arrays
+
+
+def failed(checks) -> set[tuple[str, str]]:
+    return {(check.case, check.quantity) for check in checks if not check.passed}
+
+
+@pytest.fixture(scope="module")
+def unchanged():
+    """The stand-in without a change, on the G=2 deterministic case and the random case."""
+    cases = [case("deterministic-g2"), case("random-z1")]
+    return cases, standin(cases, batch())
+
+
+def test_unchanged_standin_passes_every_check(unchanged):
+    cases, theirs = unchanged
+    checks = parity.compare_rlpd(cases, batch(), theirs, parity.DEFAULT_Z)
+    assert not failed(checks)
+    kinds = {check.kind for check in checks}
+    assert kinds == {"mapping", "exact", "distribution"}
+    quantities = {check.quantity for check in checks}
+    assert {"q before the update", "actor_std before the update", "critic parameters after the update",
+            "critic_loss (mean over keys)", "actor_loss"} <= quantities
+
+
+def test_min_instead_of_mean_in_the_actor_loss_is_reported(monkeypatch):
+    """The stand-in's actor maximises the MIN over the critics (ours: the mean, as theirs)."""
+    def min_actor_loss(actor_params, key, batch, critic_params, temperature, config):
+        mean, log_std = config.actor.apply({"params": actor_params}, batch["observations"])
+        actions, log_probs = rlpd.sample_tanh_normal(key, mean, log_std)
+        q = config.critic.apply({"params": critic_params}, batch["observations"], actions).min(0)
+        return (temperature * log_probs - q).mean(), -log_probs.mean()
+
+    cases = [case("deterministic-g1")]
+    rows = batch()
+    with monkeypatch.context() as patch:
+        patch.setattr(rlpd, "actor_loss", min_actor_loss)
+        theirs = standin(cases, rows)
+    checks = parity.compare_rlpd(cases, rows, theirs, parity.DEFAULT_Z)
+    bad = failed(checks)
+    assert ("deterministic-g1", "actor_loss") in bad
+    assert ("deterministic-g1", "actor parameters after the update") in bad
+    # the critic step does not read the actor loss: it still matches
+    assert ("deterministic-g1", "critic parameters after the update") not in bad
+    assert ("deterministic-g1", "critic_loss") not in bad
+
+
+def test_entropy_backup_with_the_wrong_sign_is_reported_in_distribution(monkeypatch):
+    """The stand-in ADDS gamma * alpha * log pi in the TD target (the paper's Algorithm 1 typo):
+    random actions, so only the comparison over keys can see it."""
+    original = rlpd.td_target
+
+    def plus_entropy(key, batch, actor_params, target_params, temperature, config):
+        target = original(key, batch, actor_params, target_params, temperature,
+                          dataclasses.replace(config, backup_entropy=False))
+        mean, log_std = config.actor.apply({"params": actor_params}, batch["next_observations"])
+        action_key = jax.random.split(key)[0]  # the key td_target samples the next actions with
+        _, log_probs = rlpd.sample_tanh_normal(action_key, mean, log_std)
+        return target + config.discount * batch["masks"] * temperature * log_probs
+
+    cases = [case("random-z1")]
+    rows = batch()
+    with monkeypatch.context() as patch:
+        patch.setattr(rlpd, "td_target", plus_entropy)
+        theirs = standin(cases, rows)
+    bad = failed(parity.compare_rlpd(cases, rows, theirs, parity.DEFAULT_Z))
+    assert ("random-z1", "critic_loss (mean over keys)") in bad
+    assert ("random-z1", "actor_loss (mean over keys)") not in bad
+
+
+def test_a_shared_critic_head_is_a_mapping_difference(unchanged):
+    """A stand-in whose critics share one output head (no ensemble axis on the head's leaves):
+    the trees cannot be mapped one to one, and the check names the leaves."""
+    cases, theirs = unchanged
+    theirs = dict(theirs)
+    prefix = "deterministic-g2/init/critic/VmapStateActionValue_0/Dense_0/"
+    for leaf in ("kernel", "bias"):
+        theirs[prefix + leaf] = theirs[prefix + leaf][0]
+    checks = parity.compare_rlpd(cases[:1], batch(), theirs, parity.DEFAULT_Z)
+    assert [(check.kind, check.passed) for check in checks] == [("mapping", False)]
+    assert "critic/VmapCritic_0/Dense_0/kernel theirs (8, 1) ours (10, 8, 1)" in checks[0].note
+
+
+@pytest.mark.parametrize("gap, passed", [(0.0, True), (1e-3, False)])
+def test_compare_arrays_tolerance(gap, passed):
+    theirs = np.array([1.0, -2.0, 3.0], np.float32)
+    check = parity.compare_arrays("x", "c", "q", theirs, theirs + np.array([0.0, gap, 0.0]), (1e-5, 1e-5))
+    assert check.passed is passed
+    assert check.max_abs == pytest.approx(gap, abs=1e-9)
+
+
+def test_compare_distribution_uses_standard_errors():
+    rng = np.random.default_rng(0)
+    theirs, ours = rng.normal(0.0, 1.0, 400), rng.normal(0.0, 1.0, 400)
+    assert parity.compare_distribution("x", "c", "m", theirs, ours, 4.0).passed
+    assert not parity.compare_distribution("x", "c", "m", theirs, ours + 0.5, 4.0).passed  # 0.5 = 7 SE
+
+
+def test_rename_and_unflatten_round_trip():
+    tree = {"actor": {"OutputDenseMean": {"kernel": np.ones((2, 3))}, "MLP_0": {"Dense_0": {"bias": np.zeros(3)}}}}
+    renamed = parity.rename(flatten(tree), parity.RLPD_RENAMES["actor"])
+    assert set(renamed) == {"actor/Dense_0/kernel", "actor/MLP_0/Dense_0/bias"}
+    assert unflatten(renamed)["actor"]["Dense_0"]["kernel"].shape == (2, 3)
+
+
+def test_dry_run_prints_setup_and_driver_command(capsys, tmp_path):
+    assert parity.main(dataclasses.replace(ARGS, dry_run=True, cache_dir=str(tmp_path))) == 0
+    out = capsys.readouterr().out
+    assert "git clone" in out and parity.PAIRS["rlpd"].reference.commit in out
+    assert "rlpd_parity.py" in out and '"case": "deterministic-g2"' in out

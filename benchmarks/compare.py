@@ -215,10 +215,11 @@ def installed_versions(names: tuple[str, ...] = PROJECT_PACKAGES) -> dict[str, s
     return {name: importlib.metadata.version(name) for name in names}
 
 
-def source_and_commit(args: CompareArgs, reference: Reference) -> tuple[str, str]:
-    if reference.name == "rlpd":
-        return args.rlpd_source, args.rlpd_commit
-    return args.jax_corl_source, args.jax_corl_commit
+def source_and_commit(args, reference: Reference) -> tuple[str, str]:
+    """Where to clone `reference` from and which commit: the fields `<name>_source` and
+    `<name>_commit` of `args` (a CompareArgs here; benchmarks/parity.py passes its own)."""
+    field = reference.name.replace("-", "_")
+    return getattr(args, f"{field}_source"), getattr(args, f"{field}_commit")
 
 
 def paths(args: CompareArgs, reference: Reference) -> dict[str, str]:

@@ -3,83 +3,64 @@
 Lee, Seo, Lee, Abbeel, Shin. "Offline-to-Online Reinforcement Learning via Balanced Replay and
 Pessimistic Q-Ensemble", CoRL 2021, https://arxiv.org/abs/2107.00591. Follows the official
 code, shlee94/Off2OnRL (commit 6f298fa): `rlkit/examples/ours.py` (networks, buffers, settings,
-the loading of N CQL agents), `rlkit/rlkit/torch/sac/ours.py` (`OursTrainer.compute_loss`: the
-losses, the density-ratio loss and the priorities), `rlkit/rlkit/core/batch_rl_algorithm.py`
-(`OurRLAlgorithm`: the epoch loop, the three batches, the initial maximum priority),
-`rlkit/rlkit/data_management/prioritized_replay_buffer.py` (the sum tree, stratified sampling)
-and `README.md` (the command: --first_epoch_multiplier 5 --init_online_fraction 0.75).
+the loading of N CQL agents), `rlkit/rlkit/torch/sac/ours.py` (`OursTrainer`: the losses, the
+density-ratio loss, the priorities), `rlkit/rlkit/core/batch_rl_algorithm.py` (`OurRLAlgorithm`:
+the epoch loop, the three batches, the initial maximum priority),
+`rlkit/rlkit/data_management/prioritized_replay_buffer.py` (sum tree, stratified sampling) and
+`README.md` (the command: --first_epoch_multiplier 5 --init_online_fraction 0.75). The page
+docs/algorithms/off2on.md has the presets' sources, the measurements and the investigations.
 
-1. Pre-training: N = 5 CQL agents on the offline data, each from its own seed (the official
-   folders are `seed{4 i + seed}`; here member i uses seed + 4 i). The repository only loads
-   downloaded checkpoints at 1M steps, so the agents are trained here with cql.py's losses and
-   cql.py's domain preset (on Off2On's 2x256 networks), all N VMAPPED in one jitted update
-   (`cql.train` under `jax.vmap`: member i follows the same numbers as `cql.py --seed seed+4i`,
-   up to float rounding); or `--pretrained DIR ...` loads N finished cql.py run folders.
-2. Fine-tuning: plain SAC, no CQL term, on the ensemble (`ours.py`):
-   * policy: the members' pre-tanh Gaussians moment-matched: mean = average of the means,
-     variance = average of (mu^2 + sigma^2) - mean^2, std clipped to [e^-20, e^2]; it acts,
-     enters every loss, and passes gradients to all N actors; evaluation uses tanh(mean);
-   * critics: member i regresses its twin Q on r + gamma * mask * (min(tQ1_i, tQ2_i)(s', a')
-     - alpha log pi(a'|s')), with ONE a' ~ pi(s') shared by all members; losses summed over
-     members and twins, batch-mean;
-   * actor: alpha log pi(a|s) - mean over members of min(Q1_i, Q2_i)(s, a);
-   * temperature: reset to 1, loss -log alpha (log pi + target entropy), target -|A|;
-   * every loss from the same pre-update parameters; lr 3e-4 everywhere (fresh Adam states),
-     tau 5e-3, gamma 0.99, batch 256.
-3. Balanced replay: one prioritized buffer holds the offline rows (priority 1) and every online
-   row, a sum tree over them (`common/priorities.py`) inside the jitted update. Fresh online rows
-   get the running maximum priority, which never decreases and starts at M f / ((1 - f) 1000)
-   (M offline rows, f = `--init-online-fraction`). A density-ratio network w(s, a) (2x256 MLP,
-   ReLU output, last bias 1) is trained on 256 uniform offline rows and 256 uniform rows of the
-   newest `--online-buffer-size` (250k) online rows, loss
-       mean[-log(2 / (w_off + 1) + 1e-10)] - mean[log(2 w_on / (w_on + 1) + 1e-10)].
-   The 256 sampled RL rows get priority clip(w^(1/T) / (mean over the offline density batch of
-   w_off^(1/T) + 1e-10), 1e-3, 1e3), T = 5, from the network before its update.
-4. Schedule (`OurRLAlgorithm._train`): epochs of `--epoch-steps` (1000) environment steps, each
-   starting new episodes (the episode still running at an epoch's end is cut and not continued,
-   as rlkit's path collector does), then `--utd` x that many updates (the first epoch
-   `--first-epoch-multiplier` = 5 times as many). Evaluation at the start (the pre-trained
-   policy) and after every `--eval-every` steps.
-
-Presets (explicit flags win):
-  * locomotion (the paper's domain): `ours.py` defaults and the README command: 2x256, batch 256,
-    N 5, epochs of 1000 steps and 1000 updates, first epoch x5, f 0.75, online buffer 250k,
-    T 5; 250 epochs (250k steps; the code's 251st epoch is trained but never evaluated);
-    5 evaluation episodes (`num_eval_steps_per_epoch` 5000 over 1000-step episodes);
-    pre-training 1M updates per agent (the checkpoints' `_1000000.pt`) with cql.py's
-    locomotion preset (aviralkumar2907/CQL MuJoCo: alpha 5, 40k BC updates, actor lr 1e-4).
-  * every other domain: the same (the paper has no other setting); the CQL part (alpha,
-    Lagrange, BC, reward transform) is cql.py's preset for that domain.
-  * pointmaze (ours): 2x64 members, 2x64 density network, 5k pre-training updates (1k BC),
-    10 epochs of 1000 steps: the no-argument run, small enough for a CPU (its pre-training, 5 CQL
-    agents x 5k updates, takes over 10 minutes on a shared 2-core CPU; vmapped CQL is GPU work).
-    Rewards x 20 (a deviation, in pre-training and fine-tuning): PointMaze's dense rewards
-    average 0.24 per step against about 4.8 in halfcheetah-medium (the paper's demo), for which
-    CQL alpha 5 and the temperature reset to 1 are sized. On raw rewards the CQL critics sit far
-    below the true values (Q on data -43 after 5k updates and falling; every true value is above
-    3.6) and fine-tuning loses the pre-trained policy in its first epoch (success 0.70 -> 0.00,
-    also with alpha 0.05, actor lr 1e-5 or uniform replay); x 20 keeps it (README, Off2On).
+1. Pre-training, in this file: N = 5 CQL agents on the offline data, all N VMAPPED in one jitted
+   update, member i from seed + 4 i (ours.py loads `./data/cql/{env}_seed{4 i + seed}`; the
+   repository ships only the trained checkpoints, so the CQL recipe is the authors' CQL code,
+   aviralkumar2907/CQL `rlkit/torch/sac/cql.py` with the README's MuJoCo command: CQL(H) with
+   the importance-sampled log-sum-exp over 10 random, 10 policy and 10 next-policy actions,
+   alpha 5, no entropy in the target, 40k behaviour-cloning updates, actor lr 1e-4, critic lr
+   3e-4, SAC temperature; AntMaze: `cql_antmaze_new.py`'s Lagrange form alpha' (alpha gap - 5)
+   and rewards 4 (r - 0.5)). The members' pre-trained actors and critics are saved in the run
+   folder (`pretrained.msgpack`); `--pretrained RUN_DIR` fine-tunes them in a new run.
+2. Fine-tuning: plain SAC on the ensemble (`ours.py`), no CQL term. The policy is the members'
+   pre-tanh Gaussians moment-matched (mean of the means; variance = mean of (mu^2 + sigma^2) -
+   mean^2; std clipped to [e^-20, e^2]); it acts, enters every loss and passes gradients to all
+   N actors; evaluation uses tanh(mean). Critic i regresses its twins on r + gamma mask
+   (min(tQ1_i, tQ2_i)(s', a') - alpha log pi(a'|s')), one a' ~ pi(s') for all members, losses
+   summed over members and twins; actor loss alpha log pi - mean over members of min(Q1_i, Q2_i);
+   alpha reset to 1, target entropy -|A|; every loss from the pre-update parameters; lr 3e-4
+   (fresh Adam states), tau 5e-3, gamma 0.99, batch 256.
+3. Balanced replay: one prioritized buffer (a sum tree, `common/priorities.py`, inside the jitted
+   update) over the offline rows (priority 1) and every online row; fresh online rows get the
+   running maximum priority, which starts at M f / ((1 - f) 1000) (M offline rows, f 0.75). A
+   density-ratio network w(s, a) (rlkit ConcatMlp 2x256, ReLU output, last bias 1) learns on 256
+   uniform offline rows and 256 uniform rows of the newest 250k online rows, loss
+       mean[-log(2 / (w_off + 1) + 1e-10)] - mean[log(2 w_on / (w_on + 1) + 1e-10)];
+   the 256 RL rows get priority clip(w^(1/T) / (mean of w_off^(1/T) + 1e-10), 1e-3, 1e3), T 5.
+4. Schedule: epochs of 1000 environment steps, each starting new episodes (rlkit's path
+   collector), then `--utd` x 1000 updates (the first epoch 5 times as many); evaluations of the
+   pre-trained policy and every `--eval-every` steps.
 
 Deviations (named, not hidden):
-  * Members are cql.py's networks (JaxCQL's: a tanh-Gaussian actor whose log-std is a learned
-    multiplier x head + offset clipped to [-20, 2], orthogonal initialisation), not rlkit's
-    TanhGaussianPolicy / fan-in initialised MLPs; the CQL pre-training is cql.py's, not the
-    unpublished one behind the downloaded checkpoints.
-  * Offline rows are the dataset's transitions with their own next observations (the official
-    loader pairs obs[i] with obs[i + 1] and drops timeout rows to make that valid).
-  * The RL buffer never overwrites (its online part holds all `--online-steps` rows); the
-    official one is a ring of 2^ceil(log2(M + 250k)) rows, which 250k steps never fill either.
-  * The moment-matched variance is floored at e^-40 before the square root (the same value
-    after the official clamp, no NaN gradient when it rounds to 0).
-  * A stop signal takes effect after the current chunk of updates (at most `--log-every`);
-    the epoch's remaining updates are saved as owed and done first on resume, so a resumed run
-    equals an uninterrupted one on CPU.
+  * Members are JaxCQL-style networks (orthogonal init; log-std = learned multiplier x head +
+    offset, clipped to [-20, 2]), not rlkit's fan-in TanhGaussianPolicy / Mlp; the official
+    checkpoints come from an unpublished pre-training run.
+  * Policy learning rate 3e-4 on every task: the README's halfcheetah-medium command (and the
+    code default); the paper picks it per task from a set whose choices are not published.
+  * Evaluation: `--eval-episodes` (5) whole episodes. The official collector takes 5000 steps of
+    episodes and averages the complete ones: 5 on halfcheetah, more where episodes end early
+    (hopper, walker2d).
+  * The paper's 3-layer CQL agents on halfcheetah-medium-expert (Appendix D.1) are the
+    TASK_PRESETS row; the density network stays 2x256 (the paper names the CQL agents only).
+  * Offline rows keep their own next observations (the official loader pairs obs[i] with
+    obs[i + 1] and drops timeout rows); the RL buffer never overwrites; the moment-matched
+    variance is floored at e^-40 before the square root (no NaN gradient).
+  * PointMaze (ours, the no-argument run): 2x64 networks, 5k pre-training updates (1k BC),
+    10 epochs, rewards x 20 to locomotion's scale (on raw rewards the CQL critics sit far below
+    every true value and fine-tuning loses the pre-trained policy; docs page).
 
 Usage:
-  python algorithms/off2on.py                                     # local PointMaze: pre-train 5 CQL agents, fine-tune
-  python algorithms/off2on.py --env halfcheetah-medium            # 5 x 1M CQL updates, then 250 epochs
-  python algorithms/off2on.py --env hopper-medium --pretrained runs/cql__a runs/cql__b ...   # 5 cql.py runs
-  python algorithms/off2on.py --resume runs/off2on__...           # continue a stopped run
+  python algorithms/off2on.py                                  # local PointMaze: pre-train 5 CQL agents, fine-tune
+  python algorithms/off2on.py --env halfcheetah-medium         # 5 x 1M CQL updates, then 250 epochs
+  python algorithms/off2on.py --env halfcheetah-medium --pretrained runs/off2on__... --seed 1   # reuse a pre-training
+  python algorithms/off2on.py --resume runs/off2on__...        # continue a stopped run
 """
 
 from __future__ import annotations
@@ -96,39 +77,41 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tyro
-from flax import struct
+from flax import serialization, struct
 from flax.training.train_state import TrainState
 
 if __package__ in (None, ""):  # run as `python algorithms/off2on.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from algorithms import cql  # noqa: E402  the pre-training losses and the members' networks
-from common import buffers, datasets, priorities  # noqa: E402
+from common import buffers, checkpoint, datasets, priorities  # noqa: E402
 from common import run as harness  # noqa: E402
 from common.cli import check, run_cli  # noqa: E402
 
 ALGORITHM = "off2on"
 MEMBER_SEED_STRIDE = 4  # ours.py loads ./data/cql/{env}_seed{4 i + seed}
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+SQRT2 = float(np.sqrt(2.0))
+PRETRAINED_FILE = "pretrained.msgpack"  # the members at the end of pre-training, for --pretrained
 
 
 @tyro.conf.configure(tyro.conf.FlagConversionOff)  # every boolean flag takes a value: --progress False
 @dataclasses.dataclass
 class Args:
-    """Off2On (Lee et al. 2021): N CQL agents pre-trained offline (vmapped, or N cql.py runs via
-    --pretrained), then fine-tuned as one pessimistic ensemble with balanced replay. Flags marked
-    [preset] take the domain's preset unless given: locomotion and other domains (ours.py, README)
-    2x256, 1M pre-training updates per agent, 250 epochs of 1000 steps; pointmaze (ours, small
-    enough for a CPU) 2x64, 5k pre-training updates, rewards x 20, 10 epochs. An offline step is one
-    (vmapped) pre-training update; an online step is one environment step."""
+    """Off2On (Lee et al. 2021): N CQL agents pre-trained offline (vmapped), then fine-tuned as one
+    pessimistic ensemble with balanced replay. Flags marked [preset] take the domain's preset unless
+    given: locomotion and other domains (ours.py, README, CQL's MuJoCo command) 2x256, 1M pre-training
+    updates per agent, 250 epochs of 1000 steps (halfcheetah-medium-expert: 3x256 agents); antmaze
+    the same with CQL's AntMaze Lagrange and rewards; pointmaze (ours, for a CPU) 2x64, 5k
+    pre-training updates, rewards x 20, 10 epochs. An offline step is one (vmapped) pre-training
+    update; an online step is one environment step."""
 
     # --- run ---
     env: str = "local/pointmaze/umaze-dense-v0"
     """D4RL-style name (halfcheetah-medium), Minari id or local dataset id."""
     seed: int = 0
     """One seed for sampling, exploration and environment resets; pre-trained member i uses seed + 4 i."""
-    pretrained: tuple[str, ...] = ()
-    """Run folders of --ensemble-size finished cql.py runs to fine-tune instead of pre-training here."""
+    pretrained: str | None = None
+    """An off2on.py run folder whose pre-training finished: fine-tune its members instead of pre-training."""
     log_dir: str = "runs"
     """Root folder of run folders."""
     resume: str | None = None
@@ -180,7 +163,7 @@ class Args:
     tau: float = 5e-3
     """Target network update rate."""
     actor_lr: float = 3e-4
-    """Fine-tuning learning rate of the actors (Adam, fresh state)."""
+    """Fine-tuning learning rate of the actors (ours.py --policy_lr; the paper tunes it per task, values unpublished)."""
     critic_lr: float = 3e-4
     """Fine-tuning learning rate of the critics (Adam, fresh state)."""
     temp_lr: float = 3e-4
@@ -190,7 +173,7 @@ class Args:
     init_temperature: float = 1.0
     """Entropy temperature alpha at the start of fine-tuning."""
     target_entropy: float | None = None
-    """Target entropy; default -|A|."""
+    """Target entropy of both phases; default -|A|."""
     density_batch_size: int = 256
     """Offline rows and online rows (each) in every density-ratio batch."""
     online_buffer_size: int = 250_000
@@ -200,69 +183,138 @@ class Args:
     init_online_fraction: float = 0.75
     """f: the first maximum priority is M f / ((1 - f) 1000), M offline rows (README: 0.75; code default 0.5)."""
 
-    # --- pre-training (cql.py's losses; the rest of cql.py's domain preset applies) ---
+    # --- pre-training (CQL, aviralkumar2907/CQL) ---
+    pretrain_actor_lr: float | None = None
+    """Learning rate of the actors and the temperature in pre-training (CQL README: policy_lr 1e-4) [preset]."""
+    pretrain_critic_lr: float = 3e-4
+    """Learning rate of the critics and the Lagrange multiplier in pre-training (qf_lr)."""
     cql_alpha: float | None = None
-    """Weight of the CQL penalty in pre-training [preset: cql.py's for the domain]."""
+    """Weight of the CQL penalty (min_q_weight) [preset]."""
     cql_n_actions: int = 10
     """n: random, policy and next-policy actions each, per state, in the CQL log-sum-exp."""
+    cql_lagrange: bool | None = None
+    """Tune the penalty weight alpha' so that alpha x gap stays at --lagrange-threshold (with_lagrange) [preset]."""
+    lagrange_threshold: float = 5.0
+    """CQL's lagrange_thresh (cql_antmaze_new.py)."""
     bc_steps: int | None = None
-    """First pre-training actor updates trained by behaviour cloning [preset: cql.py's for the domain]."""
+    """First pre-training actor updates trained by behaviour cloning (policy_eval_start) [preset]."""
     reward_scale: float | None = None
-    """Rewards become reward_scale * r + reward_bias, in pre-training and fine-tuning [preset: cql.py's, pointmaze 20; with --pretrained, the runs']."""
+    """Rewards become reward_scale * r + reward_bias, in pre-training and fine-tuning [preset]."""
     reward_bias: float | None = None
     """See --reward-scale [preset]."""
 
 
-_PAPER = dict(actor_hidden_dims=(256, 256), critic_hidden_dims=(256, 256), density_hidden_dims=(256, 256),
+# aviralkumar2907/CQL README MuJoCo command (cql_mujoco_new.py): min_q_weight 5, lagrange_thresh -1 (off),
+# policy_eval_start 40000, policy_lr 1e-4, raw rewards
+_CQL = dict(cql_alpha=5.0, cql_lagrange=False, bc_steps=40_000, pretrain_actor_lr=1e-4, reward_scale=1.0,
+            reward_bias=0.0)
+# rlkit/examples/ours.py: layer_size 256, num_hidden_layers 2 (members and weight_net), batch 256, 1000 steps
+# and 1000 updates per epoch, num_eval_steps_per_epoch 5000 (5 episodes of max_path_length 1000), an
+# evaluation each epoch; 250 evaluated epochs; the CQL checkpoints it loads are at 1M steps (actor_1000000.pt)
+_PAPER = dict(_CQL, actor_hidden_dims=(256, 256), critic_hidden_dims=(256, 256), density_hidden_dims=(256, 256),
               offline_steps=1_000_000, online_steps=250_000, eval_every=1000, eval_episodes=5)
 PRESETS: dict[str, dict[str, Any]] = {
-    # rlkit/examples/ours.py: layer_size 256, num_hidden_layers 2 (members and weight_net), batch 256,
-    # num_expl_steps_per_train_loop / num_trains_per_train_loop 1000, num_eval_steps_per_epoch 5000
-    # (5 episodes of max_path_length 1000), an evaluation each epoch; 250 evaluated epochs; the CQL
-    # checkpoints it loads are at 1M steps (actor_1000000.pt); README: first_epoch_multiplier 5,
-    # init_online_fraction 0.75, online_buffer_size 250000 (the Args defaults)
     "locomotion": _PAPER,
-    # the paper has no other domain: the same settings (the CQL part is cql.py's domain preset)
-    "default": _PAPER,
+    "default": _PAPER,  # the paper has no other domain: the same settings
+    # CQL README AntMaze command (cql_antmaze_new.py): with_lagrange, lagrange_thresh 5; the loader's 4 (r - 0.5)
+    "antmaze": dict(_PAPER, cql_lagrange=True, reward_scale=4.0, reward_bias=-2.0),
     # ours: the no-argument run (PRESET_NOTES)
-    "pointmaze": dict(actor_hidden_dims=(64, 64), critic_hidden_dims=(64, 64), density_hidden_dims=(64, 64),
+    "pointmaze": dict(_PAPER, actor_hidden_dims=(64, 64), critic_hidden_dims=(64, 64), density_hidden_dims=(64, 64),
                       offline_steps=5000, online_steps=10_000, eval_every=2000, eval_episodes=10, bc_steps=1000,
                       reward_scale=20.0),
 }
+# Per-task settings over the domain's (names that a dataset id contains): the paper's Appendix D.1,
+# "3-layer MLPs" for the CQL agents of halfcheetah-medium-expert (ParallelMlp's num_hidden_layers == 3 branch)
+TASK_PRESETS: dict[tuple[str, ...], dict[str, Any]] = {
+    ("halfcheetah", "medium-expert"): dict(actor_hidden_dims=(256, 256, 256), critic_hidden_dims=(256, 256, 256)),
+}
 PRESET_NOTES: dict[str, str] = {
-    "pointmaze": "ours, not a paper's: 5 CQL agents (cql.py's PointMaze settings, 1k BC updates, rewards x 20 to "
-                 "locomotion's scale) on 2x64 networks "
-                 "pre-trained for 5k vmapped updates, then 10 epochs of 1000 steps, small enough for a CPU (over "
-                 "10 minutes on a 2-core CPU); the paper presets (2x256, 1M updates, 250 epochs) apply to the "
-                 "paper datasets.",
+    "pointmaze": "ours, not a paper's: 5 CQL agents (alpha 5, 1k BC updates, rewards x 20 to locomotion's scale) on "
+                 "2x64 networks pre-trained for 5k vmapped updates, then 10 epochs of 1000 steps, small enough for a "
+                 "CPU (over 10 minutes on a 2-core CPU); the paper presets (2x256, 1M updates, 250 epochs) apply to "
+                 "the paper datasets.",
 }
 
 
-def apply_preset(args: Args, domain: str) -> Args:
-    """Fill every unset (None) field from the domain's preset."""
-    preset = PRESETS.get(domain, PRESETS["default"])
+def apply_preset(args: Args, domain: str, dataset_id: str | None = None) -> Args:
+    """Fill every unset (None) field from the task's row of TASK_PRESETS, then the domain's preset."""
+    task = next((values for names, values in TASK_PRESETS.items()
+                 if dataset_id and all(name in dataset_id for name in names)), {})
+    preset = {**PRESETS.get(domain, PRESETS["default"]), **task}
     return dataclasses.replace(args, **{name: value for name, value in preset.items() if getattr(args, name) is None})
 
 
-def pretraining_args(args: Args, domain: str) -> cql.Args:
-    """cql.py's Args of each member's pre-training: cql.py's domain preset with Off2On's networks,
-    batch, discount and the pre-training flags given here."""
-    given = dict(env=args.env, seed=args.seed, offline_steps=args.offline_steps, online_steps=0,
-                 batch_size=args.batch_size, actor_hidden_dims=args.actor_hidden_dims,
-                 critic_hidden_dims=args.critic_hidden_dims, discount=args.discount, cql_alpha=args.cql_alpha,
-                 cql_n_actions=args.cql_n_actions, bc_steps=args.bc_steps, reward_scale=args.reward_scale,
-                 reward_bias=args.reward_bias, progress=False)
-    return cql.apply_preset(cql.Args(**given), domain)
+def transform_rewards(rewards, args: Args):
+    return args.reward_scale * rewards + args.reward_bias
 
 
 # ---------------------------------------------------------------------------------------------
-# Networks: the members are cql.py's Actor and twin CriticEnsemble, their parameters stacked on a
-# leading axis of N; the density-ratio network is rlkit's ConcatMlp.
+# Networks: each member a tanh-Gaussian actor and twin critics, the members' parameters stacked
+# on a leading axis of N; the density-ratio network is rlkit's ConcatMlp.
+
+
+class MLP(nn.Module):
+    hidden_dims: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, x):
+        for width in self.hidden_dims:
+            x = nn.relu(nn.Dense(width, kernel_init=nn.initializers.orthogonal(SQRT2))(x))
+        return x
+
+
+class Critic(nn.Module):
+    hidden_dims: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, observations, actions):
+        x = MLP(self.hidden_dims)(jnp.concatenate([observations, actions], -1))
+        return nn.Dense(1, kernel_init=nn.initializers.orthogonal(1e-2))(x).squeeze(-1)
+
+
+class TwinCritic(nn.Module):
+    """Two critics, parameters stacked on a leading axis; Q of shape (2, ...batch)."""
+
+    hidden_dims: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, observations, actions):
+        observations = jnp.broadcast_to(observations, (*actions.shape[:-1], observations.shape[-1]))
+        return nn.vmap(Critic, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None, out_axes=0,
+                       axis_size=2)(self.hidden_dims)(observations, actions)
+
+
+class Actor(nn.Module):
+    """The pre-tanh Gaussian: one Dense gives the mean and a head; log-std = multiplier x head +
+    offset (both learned, from 1 and -1), clipped to [-20, 2]."""
+
+    hidden_dims: tuple[int, ...]
+    action_dim: int
+
+    @nn.compact
+    def __call__(self, observations):
+        x = MLP(self.hidden_dims)(observations)
+        mean, head = jnp.split(nn.Dense(2 * self.action_dim, kernel_init=nn.initializers.orthogonal(1e-2))(x), 2, -1)
+        multiplier = self.param("log_std_multiplier", lambda _: jnp.ones(()))
+        offset = self.param("log_std_offset", lambda _: -jnp.ones(()))
+        return mean, jnp.clip(multiplier * head + offset, LOG_STD_MIN, LOG_STD_MAX)
+
+
+class Scalar(nn.Module):
+    """A learned positive scalar exp(x) (temperature, Lagrange multiplier), starting at `init_value`."""
+
+    init_value: float = 1.0
+
+    @nn.compact
+    def __call__(self):
+        return jnp.exp(self.param("log_value", lambda _: jnp.full((), jnp.log(self.init_value))))
 
 
 class DensityRatio(nn.Module):
-    """w(s, a) >= 0: ReLU MLP, ReLU output; rlkit Mlp init (fan-in uniform hidden kernels, zero
-    hidden biases, last kernel uniform(+-3e-3)) and the last bias filled with 1 (ours.py)."""
+    """w(s, a) >= 0: rlkit's ConcatMlp with a ReLU on its output (ours.py `w_activation`). rlkit's
+    init: `fanin_init` on hidden weights takes size[0] of a torch (out, in) weight, so the bound
+    is 1/sqrt(out_features) (flax kernels are (in, out): "fan_out"); zero hidden biases; last
+    kernel uniform(+-3e-3) and its bias filled with 1 (ours.py)."""
 
     hidden_dims: tuple[int, ...]
 
@@ -270,27 +322,188 @@ class DensityRatio(nn.Module):
     def __call__(self, observations, actions):
         x = jnp.concatenate([observations, actions], -1)
         for width in self.hidden_dims:
-            x = nn.relu(nn.Dense(width, kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+            x = nn.relu(nn.Dense(width, kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_out", "uniform"),
                                  bias_init=nn.initializers.zeros)(x))
         last = nn.Dense(1, kernel_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(
             key, shape, dtype, -3e-3, 3e-3), bias_init=nn.initializers.ones)(x)
         return nn.relu(last).squeeze(-1)
 
 
-@struct.dataclass
-class Config:
-    """Static settings the jitted functions close over."""
+def sample_tanh_normal(key, mean, log_std, num: int | None = None):
+    """Tanh-squashed Gaussian samples and their log-probabilities (summed over action dims);
+    with `num`, `num` samples per row on a new leading axis."""
+    noise = jax.random.normal(key, mean.shape if num is None else (num, *mean.shape))
+    pre_tanh = mean + jnp.exp(log_std) * noise
+    return jnp.tanh(pre_tanh), tanh_normal_log_prob(pre_tanh, noise, log_std)
 
-    actor: cql.Actor = struct.field(pytree_node=False)
-    critic: cql.CriticEnsemble = struct.field(pytree_node=False)  # one member's twin critics
-    density: DensityRatio = struct.field(pytree_node=False)
-    discount: float = struct.field(pytree_node=False)
-    tau: float = struct.field(pytree_node=False)
-    target_entropy: float = struct.field(pytree_node=False)
-    priority_temperature: float = struct.field(pytree_node=False)
-    batch_size: int = struct.field(pytree_node=False)
-    density_batch_size: int = struct.field(pytree_node=False)
-    online_buffer_size: int = struct.field(pytree_node=False)
+
+def tanh_normal_log_prob(pre_tanh, noise, log_std):
+    gaussian = -0.5 * noise**2 - log_std - 0.5 * jnp.log(2.0 * jnp.pi)
+    log_det = 2.0 * (jnp.log(2.0) - pre_tanh - jax.nn.softplus(-2.0 * pre_tanh))  # log(1 - tanh^2), stably
+    return (gaussian - log_det).sum(-1)
+
+
+def log_prob_of(actions, mean, log_std):
+    """log pi(a|s) of dataset actions (clipped to +-(1 - 1e-5): arctanh stays finite)."""
+    pre_tanh = jnp.arctanh(jnp.clip(actions, -1.0 + 1e-5, 1.0 - 1e-5))
+    return tanh_normal_log_prob(pre_tanh, (pre_tanh - mean) / jnp.exp(log_std), log_std)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Static settings the jitted functions close over (hashable: one compilation per setting)."""
+
+    actor: Actor
+    critic: TwinCritic  # one member's twin critics
+    density: DensityRatio
+    action_dim: int
+    discount: float
+    tau: float
+    target_entropy: float
+    batch_size: int
+    cql_alpha: float
+    cql_n_actions: int
+    cql_lagrange: bool
+    lagrange_threshold: float
+    bc_steps: int
+    priority_temperature: float
+    density_batch_size: int
+    online_buffer_size: int
+
+
+def make_config(args: Args, action_dim: int) -> Config:
+    target_entropy = -float(action_dim) if args.target_entropy is None else args.target_entropy
+    return Config(Actor(tuple(args.actor_hidden_dims), action_dim), TwinCritic(tuple(args.critic_hidden_dims)),
+                  DensityRatio(tuple(args.density_hidden_dims)), action_dim, args.discount, args.tau, target_entropy,
+                  args.batch_size, args.cql_alpha, args.cql_n_actions, args.cql_lagrange, args.lagrange_threshold,
+                  args.bc_steps, args.priority_temperature, args.density_batch_size, args.online_buffer_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-training: CQL(H), aviralkumar2907/CQL rlkit/torch/sac/cql.py, one member; vmapped over N
+
+
+class Member(struct.PyTreeNode):
+    """One CQL agent (stacked: all N)."""
+
+    actor: TrainState
+    critic: TrainState
+    target_critic_params: Any
+    temperature: TrainState
+    alpha_prime: TrainState
+    key: jax.Array
+
+
+def scalar_value(state: TrainState):
+    return state.apply_fn({"params": state.params})
+
+
+def create_member(args: Args, config: Config, seed: int, observation_dim: int, action_dim: int) -> Member:
+    key, actor_key, critic_key = jax.random.split(jax.random.PRNGKey(seed), 3)
+    observations, actions = jnp.zeros((1, observation_dim)), jnp.zeros((1, action_dim))
+    actor = TrainState.create(apply_fn=config.actor.apply, params=config.actor.init(actor_key, observations)["params"],
+                              tx=optax.adam(args.pretrain_actor_lr))
+    critic_params = config.critic.init(critic_key, observations, actions)["params"]
+    critic = TrainState.create(apply_fn=config.critic.apply, params=critic_params, tx=optax.adam(args.pretrain_critic_lr))
+
+    def scalar(lr):  # temperature and alpha' both start at 1 (log 0)
+        return TrainState.create(apply_fn=Scalar().apply, params=Scalar().init(key)["params"], tx=optax.adam(lr))
+
+    return Member(actor, critic, jax.tree_util.tree_map(jnp.copy, critic_params), scalar(args.pretrain_actor_lr),
+                  scalar(args.pretrain_critic_lr), key)
+
+
+def cql_td_target(key, batch, actor_params, target_params, config: Config):
+    """r + gamma mask min(tQ1, tQ2)(s', a'), a' ~ pi(s'): no entropy term (deterministic_backup)."""
+    next_actions, _ = sample_tanh_normal(key, *config.actor.apply({"params": actor_params}, batch["next_observations"]))
+    next_q = config.critic.apply({"params": target_params}, batch["next_observations"], next_actions).min(0)
+    return batch["rewards"] + config.discount * batch["masks"] * next_q
+
+
+def cql_gap(key, batch, actor_params, critic_params, data_q, config: Config):
+    """Per critic: logsumexp over n random, n policy (at s) and n next-policy (from s') actions of Q
+    minus the proposal's log-density (uniform 0.5^|A|, the policy's), minus Q(s, a_data); batch-mean."""
+    random_key, policy_key, next_key = jax.random.split(key, 3)
+    n, observations = config.cql_n_actions, batch["observations"]
+    random_actions = jax.random.uniform(random_key, (n, observations.shape[0], config.action_dim), minval=-1, maxval=1)
+    policy_actions, policy_log_probs = sample_tanh_normal(
+        policy_key, *config.actor.apply({"params": actor_params}, observations), n)
+    next_actions, next_log_probs = sample_tanh_normal(
+        next_key, *config.actor.apply({"params": actor_params}, batch["next_observations"]), n)
+    q = config.critic.apply({"params": critic_params}, observations,
+                            jnp.concatenate([random_actions, next_actions, policy_actions]))  # (2, 3n, B)
+    log_densities = jnp.concatenate([jnp.full((n, observations.shape[0]), config.action_dim * jnp.log(0.5)),
+                                     next_log_probs, policy_log_probs])
+    return (jax.nn.logsumexp(q - log_densities, axis=1) - data_q).mean(-1)
+
+
+def cql_critic_loss(critic_params, key, batch, target_q, actor_params, alpha_prime, config: Config):
+    """Squared TD error plus the penalty, summed over the twins: alpha gap, or with Lagrange
+    alpha' (alpha gap - threshold)."""
+    data_q = config.critic.apply({"params": critic_params}, batch["observations"], batch["actions"])
+    gap = cql_gap(key, batch, actor_params, critic_params, data_q, config)
+    penalty = alpha_prime * (config.cql_alpha * gap - config.lagrange_threshold) if config.cql_lagrange \
+        else config.cql_alpha * gap
+    return ((data_q - target_q) ** 2).mean(-1).sum() + penalty.sum(), (gap, data_q.mean())
+
+
+def pretrain_actor_loss(actor_params, key, batch, critic_params, temperature, behaviour_cloning, config: Config):
+    """alpha log pi(a|s) - min(Q1, Q2)(s, a), a ~ pi(s); during the warm start log pi(a_data|s)
+    replaces the Q term; and the entropy."""
+    mean, log_std = config.actor.apply({"params": actor_params}, batch["observations"])
+    actions, log_probs = sample_tanh_normal(key, mean, log_std)
+    q = config.critic.apply({"params": critic_params}, batch["observations"], actions).min(0)
+    objective = jnp.where(behaviour_cloning, log_prob_of(batch["actions"], mean, log_std), q)
+    return (temperature * log_probs - objective).mean(), -log_probs.mean()
+
+
+def temperature_loss(temperature_params, entropy, target_entropy):
+    """-log alpha (log pi + target entropy), with the batch-mean log pi = -entropy."""
+    return temperature_params["log_value"] * (entropy - target_entropy)
+
+
+def cql_update(member: Member, batch, config: Config):
+    """One CQL step of critics, alpha', actor and temperature, all from the pre-update parameters."""
+    key, target_key, cql_key, actor_key = jax.random.split(member.key, 4)
+    temperature, alpha_prime = scalar_value(member.temperature), jnp.clip(scalar_value(member.alpha_prime), 0, 1e6)
+    target_q = cql_td_target(target_key, batch, member.actor.params, member.target_critic_params, config)
+    (loss, (gap, q)), critic_grads = jax.value_and_grad(cql_critic_loss, has_aux=True)(
+        member.critic.params, cql_key, batch, target_q, member.actor.params, alpha_prime, config)
+    prime_grads = jax.grad(lambda params: -0.5 * (jnp.clip(member.alpha_prime.apply_fn({"params": params}), 0, 1e6) * (
+        config.cql_alpha * jax.lax.stop_gradient(gap) - config.lagrange_threshold)).sum())(member.alpha_prime.params)
+    (actor_value, entropy), actor_grads = jax.value_and_grad(pretrain_actor_loss, has_aux=True)(
+        member.actor.params, actor_key, batch, member.critic.params, temperature,
+        member.actor.step < config.bc_steps, config)
+    temp_grads = jax.grad(temperature_loss)(member.temperature.params, entropy, config.target_entropy)
+    critic = member.critic.apply_gradients(grads=critic_grads)
+    member = member.replace(
+        actor=member.actor.apply_gradients(grads=actor_grads), critic=critic, key=key,
+        target_critic_params=optax.incremental_update(critic.params, member.target_critic_params, config.tau),
+        temperature=member.temperature.apply_gradients(grads=temp_grads),
+        alpha_prime=member.alpha_prime.apply_gradients(grads=prime_grads) if config.cql_lagrange else member.alpha_prime)
+    return member, {"critic_loss": loss, "q": q, "cql_gap": gap.mean(), "actor_loss": actor_value, "entropy": entropy,
+                    "temperature": temperature, "alpha_prime": alpha_prime}
+
+
+def train_member(member: Member, offline: buffers.Buffer, num_updates, config: Config):
+    """`num_updates` (traced) CQL updates of one member, each on its own uniform offline minibatch."""
+    def step(_, carry):
+        member, _ = carry
+        key, sample_key = jax.random.split(member.key)
+        return cql_update(member.replace(key=key), buffers.sample(offline, sample_key, (config.batch_size,)), config)
+
+    info = jax.tree_util.tree_map(lambda shape: jnp.zeros(shape.shape, shape.dtype),
+                                  jax.eval_shape(lambda m: step(0, (m, None)), member)[1])
+    return jax.lax.fori_loop(0, num_updates, step, (member, info))
+
+
+def pretrain(members: Member, offline: buffers.Buffer, num_updates, config: Config):
+    """All N members at once: train_member vmapped (each samples its own minibatches); one jitted call."""
+    return jax.vmap(lambda member: train_member(member, offline, num_updates, config))(members)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning state
 
 
 class Agent(struct.PyTreeNode):
@@ -311,12 +524,34 @@ class Replay(struct.PyTreeNode):
     tree: priorities.SumTree
 
 
-def make_config(args: Args, action_dim: int) -> Config:
-    target_entropy = -float(action_dim) if args.target_entropy is None else args.target_entropy
-    return Config(cql.Actor(tuple(args.actor_hidden_dims), action_dim),
-                  cql.CriticEnsemble(tuple(args.critic_hidden_dims), 2), DensityRatio(tuple(args.density_hidden_dims)),
-                  args.discount, args.tau, target_entropy, args.priority_temperature, args.batch_size,
-                  args.density_batch_size, args.online_buffer_size)
+_TREEDEFS: dict[Any, Any] = {}
+
+
+def canonical(tree, key):
+    """`tree` in the structure first seen for `key` in this process. A TrainState's optimizer and
+    apply function are static parts of its structure, created anew by every run, and a new
+    structure means a new compilation; `key` names everything they depend on (modules and
+    learning rates), so runs in one process (tests, sweeps) reuse one another's compilations."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return jax.tree_util.tree_unflatten(_TREEDEFS.setdefault(key, treedef), leaves)
+
+
+def stack(trees):
+    """The trees' leaves stacked on a new leading axis, in the first tree's structure."""
+    leaves = [jax.tree_util.tree_leaves(tree) for tree in trees]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(trees[0]),
+                                        [jnp.stack(column) for column in zip(*leaves)])
+
+
+def member_seeds(args: Args) -> list[int]:
+    return [args.seed + MEMBER_SEED_STRIDE * i for i in range(args.ensemble_size)]
+
+
+def create_members(args: Args, config: Config, observation_dim: int, action_dim: int) -> Member:
+    """N CQL agents, one per member seed, every leaf stacked on axis 0."""
+    members = stack([create_member(args, config, seed, observation_dim, action_dim) for seed in member_seeds(args)])
+    return canonical(harness.strongly_typed(members),
+                     ("members", config, args.pretrain_actor_lr, args.pretrain_critic_lr))
 
 
 def fine_tuning_agent(actor_params, critic_params, args: Args, config: Config, observation_dim: int,
@@ -327,7 +562,7 @@ def fine_tuning_agent(actor_params, critic_params, args: Args, config: Config, o
     observations, actions = jnp.zeros((1, observation_dim)), jnp.zeros((1, action_dim))
     actor = TrainState.create(apply_fn=config.actor.apply, params=actor_params, tx=optax.adam(args.actor_lr))
     critic = TrainState.create(apply_fn=config.critic.apply, params=critic_params, tx=optax.adam(args.critic_lr))
-    temperature_module = cql.Scalar(args.init_temperature)
+    temperature_module = Scalar(args.init_temperature)
     temperature = TrainState.create(apply_fn=temperature_module.apply, params=temperature_module.init(key)["params"],
                                     tx=optax.adam(args.temp_lr))
     density = TrainState.create(apply_fn=config.density.apply,
@@ -338,26 +573,8 @@ def fine_tuning_agent(actor_params, critic_params, args: Args, config: Config, o
                      ("agent", config, args.actor_lr, args.critic_lr, args.temp_lr, args.density_lr))
 
 
-def member_seeds(args: Args) -> list[int]:
-    return [args.seed + MEMBER_SEED_STRIDE * i for i in range(args.ensemble_size)]
-
-
-def create_members(cql_args: cql.Args, cql_config: cql.Config, seeds, observation_dim: int, action_dim: int):
-    """N CQL agents (cql.py's create_agent, one per seed): every leaf stacked on axis 0."""
-    members = stack([cql.create_agent(dataclasses.replace(cql_args, seed=int(seed)), cql_config, observation_dim,
-                                      action_dim) for seed in seeds])
-    return canonical(members, ("members", cql_config, cql_args.actor_lr, cql_args.critic_lr, cql_args.temp_lr,
-                               cql_args.alpha_prime_lr))
-
-
-def pretrain(members, offline: buffers.Buffer, num_updates, cql_config: cql.Config, batch_size: int):
-    """`num_updates` cql.py updates of all N members at once: cql.train vmapped over the members
-    (each samples its own minibatches with its own key); one jitted call."""
-    return jax.vmap(lambda member: cql.train(member, offline, None, num_updates, cql_config, batch_size, 1.0))(members)
-
-
 # ---------------------------------------------------------------------------------------------
-# The ensemble policy and the losses
+# The ensemble policy and the fine-tuning losses
 
 
 def member_gaussians(actor_params, observations, config: Config):
@@ -377,7 +594,7 @@ def moment_match(means, log_stds):
 def policy_sample(key, actor_params, observations, config: Config):
     """A reparameterised tanh-Gaussian sample of the moment-matched policy and its log-probability."""
     mean, std = moment_match(*member_gaussians(actor_params, observations, config))
-    return cql.sample_tanh_normal(key, mean, jnp.log(std))
+    return sample_tanh_normal(key, mean, jnp.log(std))
 
 
 def member_q(critic_params, observations, actions, config: Config):
@@ -455,13 +672,13 @@ def update(agent: Agent, offline: buffers.Buffer, replay: Replay, config: Config
     w_rl = config.density.apply({"params": agent.density.params}, batch["observations"], batch["actions"])
     priority = new_priorities(w_rl, w_offline, config.priority_temperature)
 
-    temperature = cql.scalar_value(agent.temperature)
+    temperature = scalar_value(agent.temperature)
     target_q = td_target(target_key, batch, agent.actor.params, agent.target_critic_params, temperature, config)
     (loss, q), critic_grads = jax.value_and_grad(critic_loss, has_aux=True)(agent.critic.params, batch, target_q,
                                                                             config)
     (actor_value, entropy), actor_grads = jax.value_and_grad(actor_loss, has_aux=True)(
         agent.actor.params, actor_key, batch, agent.critic.params, temperature, config)
-    temp_loss, temp_grads = jax.value_and_grad(cql.temperature_loss)(agent.temperature.params, entropy,
+    temp_loss, temp_grads = jax.value_and_grad(temperature_loss)(agent.temperature.params, entropy,
                                                                      config.target_entropy)
     critic = agent.critic.apply_gradients(grads=critic_grads)
     agent = agent.replace(actor=agent.actor.apply_gradients(grads=actor_grads), critic=critic,
@@ -503,12 +720,12 @@ def act(agent: Agent, observation, config: Config):
 
 
 @functools.partial(jax.jit, static_argnames=("actor",))
-def ensemble_mean_action(actor_params, observations, actor: cql.Actor):
+def ensemble_mean_action(actor_params, observations, actor: Actor):
     means, _ = jax.vmap(lambda params: actor.apply({"params": params}, observations))(actor_params)
     return jnp.tanh(means.mean(0))
 
 
-def deterministic_policy(actor: cql.Actor) -> Callable:
+def deterministic_policy(actor: Actor) -> Callable:
     """The evaluation policy: tanh of the moment-matched mean (the mean of the members' means)."""
     return functools.partial(ensemble_mean_action, actor=actor)
 
@@ -529,7 +746,8 @@ RULES: list[harness.Rule] = [
     ("cql_alpha", harness.at_least(0), "must be >= 0"),
     ("init_online_fraction", lambda value: 0.0 <= value < 1.0, "must lie in [0, 1)"),
     *[(name, harness.positive, "must be positive") for name in (
-        "actor_lr", "critic_lr", "temp_lr", "density_lr", "init_temperature", "priority_temperature")],
+        "actor_lr", "critic_lr", "temp_lr", "density_lr", "init_temperature", "priority_temperature",
+        "pretrain_actor_lr", "pretrain_critic_lr")],
     *[(name, harness.widths, "must be positive widths") for name in (
         "actor_hidden_dims", "critic_hidden_dims", "density_hidden_dims")],
     ("discount", lambda value: 0.0 < value < 1.0, "must lie in (0, 1)"),
@@ -547,59 +765,42 @@ def validate(args: Args) -> None:
               f"--eval-every {args.eval_every} must be a multiple of --epoch-steps {args.epoch_steps} "
               f"(evaluations fall between epochs).")
     if args.pretrained:
-        check(len(args.pretrained) == args.ensemble_size,
-              f"--pretrained names {len(args.pretrained)} run folders; --ensemble-size is {args.ensemble_size}: "
-              f"give one cql.py run per member.")
         check(not args.offline_steps, "--pretrained replaces the pre-training: drop --offline-steps.")
 
 
-def read_pretrained(args: Args, task: datasets.Task) -> tuple[Args, list]:
-    """Check the --pretrained run folders (finished cql.py runs on this dataset, twin Q, no
-    LayerNorm, one network shape) and return Args with their widths and reward transform, and
-    their agents."""
-    agents, shapes = [], set()
-    for run_dir in args.pretrained:
-        run_args, record = harness.read_run_config(run_dir, cql.Args, cql.ALGORITHM, cql.OLDER_RUNS)
-        check(record.get("dataset_id") == task.dataset_id,
-              f"--pretrained {run_dir} was trained on {record.get('dataset_id')}, not {task.dataset_id} (--env).")
-        check(run_args.num_qs == 2 and not run_args.layer_norm,
-              f"--pretrained {run_dir}: Off2On members are twin-Q CQL agents without LayerNorm "
-              f"(got --num-qs {run_args.num_qs}, --layer-norm {run_args.layer_norm}).")
-        progress = harness.read_checkpoint(run_dir)["progress"]
-        check(progress.get("finished", False),
-              f"--pretrained {run_dir} has not finished; continue it first: {harness.resume_command('cql', run_dir)}")
-        shapes.add((tuple(run_args.actor_hidden_dims), tuple(run_args.critic_hidden_dims), run_args.reward_scale,
-                    run_args.reward_bias))
-        agents.append(run_dir)
-    check(len(shapes) == 1, "--pretrained runs differ in network widths or reward transform; they must agree.")
-    ((actor_dims, critic_dims, scale, bias),) = shapes
-    for flag, given, found in (("actor-hidden-dims", args.actor_hidden_dims, actor_dims),
-                               ("critic-hidden-dims", args.critic_hidden_dims, critic_dims)):
-        check(given is None or tuple(given) == found, f"--{flag} {given} differs from the --pretrained runs' {found}.")
-    args = dataclasses.replace(args, actor_hidden_dims=actor_dims, critic_hidden_dims=critic_dims, offline_steps=0,
-                               reward_scale=scale if args.reward_scale is None else args.reward_scale,
-                               reward_bias=bias if args.reward_bias is None else args.reward_bias)
-    return args, agents
+# What a --pretrained run's members fix; the new run takes them from that run.
+MEMBER_FIELDS = ("ensemble_size", "actor_hidden_dims", "critic_hidden_dims", "reward_scale", "reward_bias",
+                 "pretrain_actor_lr", "pretrain_critic_lr", "cql_alpha", "cql_n_actions", "cql_lagrange",
+                 "lagrange_threshold", "bc_steps")
 
 
-_TREEDEFS: dict[Any, Any] = {}
+def read_pretrained(args: Args, task: datasets.Task) -> tuple[Args, dict[str, Any]]:
+    """Args with the member settings of the --pretrained off2on.py run (same dataset, pre-training
+    finished) and no pre-training; and its saved members' parameters."""
+    source = args.pretrained
+    run_args, record = harness.read_run_config(source, Args, ALGORITHM)
+    check(record.get("dataset_id") == task.dataset_id,
+          f"--pretrained {source} was trained on {record.get('dataset_id')}, not {task.dataset_id} (--env).")
+    check(os.path.isfile(os.path.join(source, PRETRAINED_FILE)),
+          f"--pretrained {source} has not finished its pre-training; continue it first: "
+          f"{harness.resume_command(ALGORITHM, source)}")
+    defaults = Args()
+    for name in MEMBER_FIELDS:
+        given, found = getattr(args, name), getattr(run_args, name)
+        check(given in (getattr(defaults, name), found),
+              f"--{name.replace('_', '-')} {given} differs from the --pretrained run's {found}: drop it.")
+    args = dataclasses.replace(args, offline_steps=0, **{name: getattr(run_args, name) for name in MEMBER_FIELDS})
+    return args, checkpoint.load(os.path.join(source, PRETRAINED_FILE))
 
 
-def canonical(tree, key):
-    """`tree` in the structure first seen for `key` in this process. A TrainState's optimizer and
-    apply function are static parts of its structure, created anew by every run, and a new
-    structure means a new compilation; `key` names everything they depend on (modules and
-    learning rates), so runs in one process (tests, sweeps) reuse one another's compilations."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return jax.tree_util.tree_unflatten(_TREEDEFS.setdefault(key, treedef), leaves)
-
-
-def stack(trees):
-    """The trees' leaves stacked on a new leading axis, in the first tree's structure (optimizer
-    objects of separately created TrainStates differ, their states do not)."""
-    leaves = [jax.tree_util.tree_leaves(tree) for tree in trees]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(trees[0]),
-                                        [jnp.stack(column) for column in zip(*leaves)])
+def load_offline_data(task: datasets.Task, dataset, args: Args) -> dict[str, np.ndarray]:
+    """The dataset as training rows: rewards transformed, masks = 1 - terminated."""
+    transitions = datasets.dataset_transitions(dataset, task.domain)
+    return {"observations": transitions["observations"],
+            "actions": datasets.clip_actions(transitions["actions"], dataset.action_space),
+            "rewards": transform_rewards(transitions["rewards"], args).astype(np.float32),
+            "next_observations": transitions["next_observations"],
+            "masks": 1.0 - transitions["terminated"].astype(np.float32)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -608,8 +809,8 @@ def stack(trees):
 
 @dataclasses.dataclass
 class Run:
-    """One training run: its session, the agent (N stacked CQL agents while pre-training, then
-    the fine-tuning Agent), the data and the jitted calls."""
+    """One training run: its session, the agent (the N stacked CQL members while pre-training,
+    then the fine-tuning Agent), the data and the jitted calls."""
 
     args: Args
     task: datasets.Task
@@ -619,7 +820,6 @@ class Run:
     replay: Replay
     agent: Any
     config: Config
-    cql_config: cql.Config
     dims: tuple[int, int]
     policy: Callable
     pretrain: Callable
@@ -641,20 +841,27 @@ class Run:
 EXTRA_KEYS = ("priorities", "max_priority")
 
 
-# Jitted once per process for each static configuration (Config and cql.Config are hashable), so
-# runs started one after another in one process (tests, sweeps) share their compilations.
-_pretrain = jax.jit(pretrain, static_argnames=("cql_config", "batch_size"), donate_argnums=0)
+# Jitted once per process for each static configuration (Config is hashable), so runs started one
+# after another in one process (tests, sweeps) share their compilations.
+_pretrain = jax.jit(pretrain, static_argnames=("config",), donate_argnums=0)
 _train = jax.jit(train, static_argnames=("config",), donate_argnums=(0, 2))
 _act = jax.jit(act, static_argnames=("config",), donate_argnums=0)
 _insert = jax.jit(insert_online, static_argnames=("offline_size", "count"), donate_argnums=0)
 
 
-def make_step_functions(args: Args, config: Config, cql_config: cql.Config, offline_size: int):
-    return (lambda members, offline, n: _pretrain(members, offline, n, cql_config=cql_config,
-                                                  batch_size=args.batch_size),
+def make_step_functions(args: Args, config: Config, offline_size: int):
+    return (lambda members, offline, n: _pretrain(members, offline, n, config=config),
             lambda agent, offline, replay, n: _train(agent, offline, replay, n, config=config),
             lambda agent, observation: _act(agent, observation, config=config),
             lambda replay, start: _insert(replay, start=start, offline_size=offline_size, count=args.epoch_steps))
+
+
+def with_params(members: Member, saved: dict[str, Any]) -> Member:
+    """The members with the actors and critics of a PRETRAINED_FILE."""
+    def restore(state: TrainState, name: str) -> TrainState:
+        return state.replace(params=jax.tree_util.tree_map(
+            jnp.asarray, serialization.from_state_dict(state.params, saved[name])))
+    return members.replace(actor=restore(members.actor, "actor"), critic=restore(members.critic, "critic"))
 
 
 def start_run(args: Args) -> Run | None:
@@ -670,45 +877,35 @@ def start_run(args: Args) -> Run | None:
     task = datasets.resolve(args.env)
     check(task.dataset_id is not None,
           f"--env {args.env} is an environment without a dataset; {ALGORITHM}.py needs the offline data: name a dataset.")
-    pretrained_dirs = []
+    pretrained = None
     if args.pretrained and run_dir is None:
-        args, pretrained_dirs = read_pretrained(args, task)
-    args = apply_preset(args, task.domain)
-    cql_args = pretraining_args(args, task.domain)
-    args = dataclasses.replace(args, reward_scale=cql_args.reward_scale, reward_bias=cql_args.reward_bias,
-                               cql_alpha=cql_args.cql_alpha, bc_steps=cql_args.bc_steps)
+        args, pretrained = read_pretrained(args, task)
+    args = apply_preset(args, task.domain, task.dataset_id)
     if run_dir is None and task.domain in PRESET_NOTES and not args.pretrained:
         print(f"Preset {task.domain} ({ALGORITHM}): {PRESET_NOTES[task.domain]}", flush=True)
     validate(args)
     dataset = datasets.load_dataset(task)
     make_env = datasets.env_factory(task, dataset)
     env = make_env()
-    observation_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    dims = observation_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
     if args.target_entropy is None:
         args = dataclasses.replace(args, target_entropy=-float(action_dim))
-    cql_args = dataclasses.replace(cql_args, target_entropy=-float(action_dim))
-    offline_rows = cql.load_offline_data(task, dataset, dataset.action_space, cql_args)
+    offline_rows = load_offline_data(task, dataset, args)
     check(offline_rows["observations"].shape[1] == observation_dim,
           f"dataset observations have {offline_rows['observations'].shape[1]} dims, the env {observation_dim}.")
     offline = buffers.from_arrays(offline_rows)
     offline_size = offline.capacity
     run_dir = run_dir or harness.create_run_dir(args, ALGORITHM)
 
-    config, cql_config = make_config(args, action_dim), cql.make_config(cql_args, action_dim)
+    config = make_config(args, action_dim)
     online = buffers.empty_like({key: value[0] for key, value in offline_rows.items()}, max(args.online_steps, 1))
     tree = priorities.from_priorities(np.ones(offline_size, np.float32), offline_size + online.capacity,
                                       offline_size * args.init_online_fraction / ((1 - args.init_online_fraction) * 1000))
-    dims = (observation_dim, action_dim)
-    pretraining = (saved["progress"]["offline_step"] if saved is not None else 0) < args.offline_steps
-    if pretraining:
-        agent = create_members(cql_args, cql_config, member_seeds(args), *dims)
-    elif pretrained_dirs:
-        members = [cql.load_agent(path)[0] for path in pretrained_dirs]
-        agent = fine_tuning_agent(stack([m.actor.params for m in members]), stack([m.critic.params for m in members]),
-                                  args, config, *dims)
-    else:  # untrained members (--offline-steps 0), or the template a checkpoint is restored into
-        members = create_members(cql_args, cql_config, member_seeds(args), *dims)
-        agent = fine_tuning_agent(members.actor.params, members.critic.params, args, config, *dims)
+    agent = create_members(args, config, *dims)
+    if pretrained is not None:
+        agent = with_params(agent, pretrained)
+    if saved is not None and "alpha_prime" not in saved["agent"]:  # saved while fine-tuning: restore into an Agent
+        agent = fine_tuning_agent(agent.actor.params, agent.critic.params, args, config, *dims)
     progress, elapsed = harness.Progress(next_checkpoint=args.checkpoint_every), None
     if saved is not None:
         agent, online, progress, elapsed = harness.restore_checkpoint(saved, run_dir, agent, online)
@@ -719,10 +916,9 @@ def start_run(args: Args) -> Run | None:
         print(f"{run_dir} has already finished.")
         return None
     session = harness.open_session(ALGORITHM, args, task, run_dir, progress, elapsed, dims, make_env,
-                                   datasets.scoring_for(dataset, task.domain),
-                                   pretraining=dataclasses.asdict(cql_args))
-    return Run(args, task, session, env, offline, Replay(online, tree), agent, config, cql_config, dims,
-               deterministic_policy(config.actor), *make_step_functions(args, config, cql_config, offline_size))
+                                   datasets.scoring_for(dataset, task.domain))
+    return Run(args, task, session, env, offline, Replay(online, tree), agent, config, dims,
+               deterministic_policy(config.actor), *make_step_functions(args, config, offline_size))
 
 
 def offline_phase(run: Run) -> None:
@@ -761,7 +957,7 @@ def collect_epoch(run: Run) -> dict[str, np.ndarray]:
         next_observation, reward, terminated, truncated, _ = run.env.step(action)
         episode_return += reward
         for key, value in (("observations", observation), ("actions", action),
-                           ("rewards", cql.transform_rewards(reward, args)), ("next_observations", next_observation),
+                           ("rewards", transform_rewards(reward, args)), ("next_observations", next_observation),
                            ("masks", 1.0 - terminated)):
             rows[key].append(value)
         progress.online_step += 1
@@ -777,8 +973,12 @@ def collect_epoch(run: Run) -> dict[str, np.ndarray]:
 
 
 def start_fine_tuning(run: Run) -> None:
-    """The phase switch: the pre-trained members become the ensemble (fresh optimizers, alpha 1)."""
+    """The phase switch: the pre-trained members are saved in the run folder (for --pretrained)
+    and become the ensemble (fresh optimizers, alpha reset, a fresh density-ratio network)."""
     members = run.agent
+    checkpoint.save(os.path.join(run.session.run_dir, PRETRAINED_FILE),
+                    {name: serialization.to_state_dict(jax.device_get(getattr(members, name).params))
+                     for name in ("actor", "critic")})
     run.agent = fine_tuning_agent(members.actor.params, members.critic.params, run.args, run.config, *run.dims)
 
 

@@ -186,15 +186,12 @@ def measure_off2on(args: SpeedArgs) -> dict:
     initialised members of the domain's preset and buffers of random rows."""
     train_args = off2on.apply_preset(off2on.Args(epoch_steps=args.epoch_steps), args.domain)
     train_args = dataclasses.replace(train_args, target_entropy=-float(args.action_dim))
-    cql_args = dataclasses.replace(off2on.pretraining_args(train_args, args.domain),
-                                   target_entropy=-float(args.action_dim))
     config = off2on.make_config(train_args, args.action_dim)
-    cql_config = off2on.cql.make_config(cql_args, args.action_dim)
     dims = (args.observation_dim, args.action_dim)
-    members = off2on.create_members(cql_args, cql_config, off2on.member_seeds(train_args), *dims)
+    members = off2on.create_members(train_args, config, *dims)
     online_capacity, online_rows = train_args.online_steps, train_args.online_steps // 4
     offline, replay = off2on_buffers(np.random.default_rng(0), args.offline_rows, online_capacity, online_rows, dims)
-    pretrain, train, act, insert = off2on.make_step_functions(train_args, config, cql_config, args.offline_rows)
+    pretrain, train, act, insert = off2on.make_step_functions(train_args, config, args.offline_rows)
     observation = np.asarray(offline.data["observations"][0])
     members, pretrain_calls, pretrain_seconds = time_calls(lambda m: pretrain(m, offline, args.pretrain_updates)[0],
                                                            members, jax.block_until_ready, args.min_seconds)

@@ -1,5 +1,6 @@
 """off2on.py: the ensemble policy, targets and losses against hand computations, the density
-ratio's optimum, the priorities, the vmapped pre-training, an end-to-end run, resume, bad input.
+ratio's optimum and init, the priorities, the CQL pre-training (its penalty by hand, vmapped over
+the members), the presets, an end-to-end run, --pretrained, resume in both phases, bad input.
 
 The end-to-end runs share one process, so their jitted functions compile once (`off2on.canonical`).
 """
@@ -15,7 +16,7 @@ import optax
 import pytest
 import tyro
 
-from algorithms import cql, off2on
+from algorithms import off2on
 from common import checkpoint, datasets
 from common.cli import RunStopped, UserError
 from common.logger import CHECKPOINT_FILE, read_evaluations
@@ -47,12 +48,10 @@ def test_moment_matched_mean_and_variance():
 
 def tiny_setup(n=5, observation_dim=6, action_dim=2, rows=5):
     """The end-to-end runs' shapes (PointMaze, 16-wide members), so eager initialisation compiles once."""
-    args = off2on.Args(actor_hidden_dims=(16, 16), critic_hidden_dims=(16, 16), density_hidden_dims=(16, 16),
-                       ensemble_size=n)
+    args = off2on.apply_preset(off2on.Args(actor_hidden_dims=(16, 16), critic_hidden_dims=(16, 16),
+                                           density_hidden_dims=(16, 16), ensemble_size=n), "pointmaze")
     config = off2on.make_config(args, action_dim)
-    cql_args = off2on.pretraining_args(args, "pointmaze")
-    members = off2on.create_members(cql_args, cql.make_config(cql_args, action_dim), off2on.member_seeds(args),
-                                    observation_dim, action_dim)
+    members = off2on.create_members(args, config, observation_dim, action_dim)
     agent = off2on.fine_tuning_agent(members.actor.params, members.critic.params, args, config, observation_dim,
                                      action_dim)
     # targets unlike the critics, so a swap would show
@@ -80,7 +79,7 @@ def test_td_target_per_member_with_one_shared_next_action():
     # by hand: ONE a' from the moment-matched policy at s', then each member's min of its target twins
     means, log_stds = off2on.member_gaussians(agent.actor.params, batch["next_observations"], config)
     mean, std = off2on.moment_match(means, log_stds)
-    next_actions, next_log_probs = cql.sample_tanh_normal(key, mean, jnp.log(std))
+    next_actions, next_log_probs = off2on.sample_tanh_normal(key, mean, jnp.log(std))
     for i in range(args.ensemble_size):
         next_q = member_twin_q(agent.target_critic_params, i, batch["next_observations"], next_actions, config).min(0)
         expected = batch["rewards"] + 0.99 * batch["masks"] * (next_q - alpha * next_log_probs)
@@ -117,16 +116,38 @@ def test_actor_loss_is_alpha_log_pi_minus_the_members_mean_of_twin_mins():
 def test_pointmaze_rewards_are_scaled_to_locomotion_in_pretraining_and_fine_tuning():
     """On raw PointMaze rewards (mean 0.24 per step) CQL alpha 5 and the temperature reset to 1
     swamp the reward: the pre-trained critics sat far below every true value and fine-tuning lost
-    the pre-trained policy in its first epoch (README, Off2On). The preset scales rewards by 20
+    the pre-trained policy in its first epoch (docs, Off2On). The preset scales rewards by 20
     (about halfcheetah-medium's 4.8 per step) for both phases; the paper's domains stay raw."""
     args = off2on.apply_preset(off2on.Args(), "pointmaze")
-    assert args.reward_scale == 20.0
-    cql_args = off2on.pretraining_args(args, "pointmaze")
-    assert (cql_args.reward_scale, cql_args.reward_bias) == (20.0, 0.0)
-    np.testing.assert_allclose(cql.transform_rewards(np.float32(0.5), cql_args), 10.0)
-    assert off2on.pretraining_args(off2on.apply_preset(off2on.Args(), "locomotion"), "locomotion").reward_scale == 1.0
-    explicit = off2on.apply_preset(off2on.Args(reward_scale=1.0), "pointmaze")
-    assert off2on.pretraining_args(explicit, "pointmaze").reward_scale == 1.0  # an explicit flag wins
+    assert (args.reward_scale, args.reward_bias) == (20.0, 0.0)
+    np.testing.assert_allclose(off2on.transform_rewards(np.float32(0.5), args), 10.0)
+    assert off2on.apply_preset(off2on.Args(), "locomotion").reward_scale == 1.0
+    assert off2on.apply_preset(off2on.Args(reward_scale=1.0), "pointmaze").reward_scale == 1.0  # an explicit flag wins
+
+
+def test_the_paper_uses_three_layer_cql_agents_on_halfcheetah_medium_expert_only():
+    """Appendix D.1: 2-layer CQL agents, "except for halfcheetah-medium-expert task where we found
+    that 3-layer MLPs is more effective"; the density network keeps 2 layers."""
+    for dataset_id in ("local/halfcheetah/ours-medium-expert-v0", "D4RL/halfcheetah/medium-expert-v2"):
+        args = off2on.apply_preset(off2on.Args(), "locomotion", dataset_id)
+        assert args.actor_hidden_dims == args.critic_hidden_dims == (256, 256, 256), dataset_id
+        assert args.density_hidden_dims == (256, 256)
+    for dataset_id in ("local/hopper/ours-medium-expert-v0", "mujoco/halfcheetah/medium-v0"):
+        assert off2on.apply_preset(off2on.Args(), "locomotion", dataset_id).critic_hidden_dims == (256, 256)
+    explicit = off2on.apply_preset(off2on.Args(critic_hidden_dims=(64, 64)), "locomotion",
+                                   "local/halfcheetah/ours-medium-expert-v0")
+    assert explicit.critic_hidden_dims == (64, 64) and explicit.actor_hidden_dims == (256, 256, 256)
+
+
+def test_pretraining_follows_the_cql_readme_commands():
+    """aviralkumar2907/CQL: MuJoCo min_q_weight 5 without Lagrange, 40k BC updates, policy lr 1e-4,
+    raw rewards; AntMaze with Lagrange threshold 5 and rewards 4 (r - 0.5)."""
+    locomotion = off2on.apply_preset(off2on.Args(), "locomotion")
+    assert (locomotion.cql_alpha, locomotion.cql_lagrange, locomotion.bc_steps, locomotion.pretrain_actor_lr,
+            locomotion.pretrain_critic_lr, locomotion.offline_steps) == (5.0, False, 40_000, 1e-4, 3e-4, 1_000_000)
+    antmaze = off2on.apply_preset(off2on.Args(), "antmaze")
+    assert (antmaze.cql_lagrange, antmaze.lagrange_threshold, antmaze.reward_scale, antmaze.reward_bias) == (
+        True, 5.0, 4.0, -2.0)
 
 
 def test_priorities_follow_the_formula():
@@ -139,7 +160,8 @@ def test_priorities_follow_the_formula():
 
 def fit_density_ratio(network, params, batches, steps: int, learning_rate: float):
     """`steps` Adam steps on off2on.density_loss; `batches(key)` gives (offline rows, online rows)."""
-    config = off2on.Config(None, None, network, 0.99, 5e-3, -1.0, 5.0, 32, 512, 10)
+    args = off2on.apply_preset(off2on.Args(density_hidden_dims=network.hidden_dims), "pointmaze")
+    config = off2on.make_config(args, 1)
     optimizer = optax.adam(learning_rate)
 
     def step(carry, key):
@@ -191,11 +213,21 @@ def test_density_ratio_fits_two_gaussians_where_both_have_mass():
     assert np.all(np.diff(w) >= 0) and np.all(np.diff(w[both]) > 0), w
 
 
+def test_density_network_hidden_layers_have_rlkit_fanin_init():
+    """rlkit's fanin_init bounds a torch (out, in) weight by 1/sqrt(size[0]) = 1/sqrt(out_features):
+    with 100 inputs and 16 units the first kernel spans +-0.25 (1/sqrt(in) would give +-0.1)."""
+    network = off2on.DensityRatio((16, 16))
+    params = network.init(jax.random.PRNGKey(0), jnp.zeros((1, 98)), jnp.zeros((1, 2)))["params"]
+    first = np.abs(np.asarray(params["Dense_0"]["kernel"]))
+    assert first.shape == (100, 16) and 0.24 < first.max() <= 0.25
+    assert np.all(np.asarray(params["Dense_0"]["bias"]) == 0) and np.all(np.asarray(params["Dense_2"]["bias"]) == 1)
+
+
 def pretraining_setup():
-    args, _, _, _ = tiny_setup()
-    cql_args = dataclasses.replace(off2on.pretraining_args(args, "pointmaze"), target_entropy=-2.0, cql_n_actions=2)
-    cql_config = cql.make_config(cql_args, 2)
-    return off2on.create_members(cql_args, cql_config, off2on.member_seeds(args), 6, 2), cql_config
+    args, config, _, _ = tiny_setup()
+    args = dataclasses.replace(args, cql_n_actions=2, target_entropy=-2.0, batch_size=16)
+    config = off2on.make_config(args, 2)
+    return off2on.create_members(args, config, 6, 2), config
 
 
 def test_members_start_from_their_own_seeds():
@@ -206,10 +238,54 @@ def test_members_start_from_their_own_seeds():
     assert len({tuple(key) for key in np.asarray(members.key).tolist()}) == 5  # and sample their own minibatches
 
 
+def test_cql_gap_is_the_importance_sampled_log_sum_exp_by_hand():
+    """Per critic: logsumexp over [Q(s, a_rand) - log 0.5^|A|, Q(s, a_next) - log pi(a_next|s'),
+    Q(s, a_pi) - log pi(a_pi|s)] minus Q(s, a_data), batch-mean (CQL's rlkit cql.py)."""
+    members, config = pretraining_setup()
+    member = jax.tree_util.tree_map(lambda leaf: leaf[0], members)
+    _, _, _, batch = tiny_setup()
+    key = jax.random.PRNGKey(5)
+    data_q = config.critic.apply({"params": member.critic.params}, batch["observations"], batch["actions"])
+    gap = off2on.cql_gap(key, batch, member.actor.params, member.critic.params, data_q, config)
+    random_key, policy_key, next_key = jax.random.split(key, 3)
+    actor = lambda observations: config.actor.apply({"params": member.actor.params}, observations)  # noqa: E731
+    random_actions = jax.random.uniform(random_key, (2, 5, 2), minval=-1, maxval=1)
+    policy_actions, policy_log_probs = off2on.sample_tanh_normal(policy_key, *actor(batch["observations"]), 2)
+    next_actions, next_log_probs = off2on.sample_tanh_normal(next_key, *actor(batch["next_observations"]), 2)
+    q = lambda actions: np.asarray(config.critic.apply({"params": member.critic.params},  # noqa: E731
+                                                        batch["observations"], actions))
+    terms = np.concatenate([q(random_actions) - 2 * np.log(0.5), q(next_actions) - np.asarray(next_log_probs)[None],
+                            q(policy_actions) - np.asarray(policy_log_probs)[None]], axis=1)  # (2 critics, 6, 5 rows)
+    expected = (np.log(np.exp(terms).sum(1)) - np.asarray(data_q)).mean(-1)
+    np.testing.assert_allclose(gap, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_pretraining_penalty_weights_and_behaviour_cloning():
+    """Fixed: alpha x gap; Lagrange: alpha' (alpha gap - threshold). During the first bc_steps the
+    actor loss is alpha log pi - log pi(a_data|s) (CQL's policy_eval_start)."""
+    members, config = pretraining_setup()
+    member = jax.tree_util.tree_map(lambda leaf: leaf[0], members)
+    _, _, _, batch = tiny_setup()
+    key, target = jax.random.PRNGKey(2), jnp.zeros(5)
+    data_q = config.critic.apply({"params": member.critic.params}, batch["observations"], batch["actions"])
+    gap = off2on.cql_gap(key, batch, member.actor.params, member.critic.params, data_q, config)
+    td = float(((data_q - target) ** 2).mean(-1).sum())
+    loss = lambda c, alpha_prime: float(off2on.cql_critic_loss(  # noqa: E731
+        member.critic.params, key, batch, target, member.actor.params, alpha_prime, c)[0])
+    assert loss(config, 1.0) == pytest.approx(td + 5.0 * float(gap.sum()), rel=1e-5)
+    lagrange = dataclasses.replace(config, cql_lagrange=True)
+    assert loss(lagrange, 0.5) == pytest.approx(td + 0.5 * float((5.0 * gap - 5.0).sum()), rel=1e-5)
+    mean, log_std = config.actor.apply({"params": member.actor.params}, batch["observations"])
+    bc, _ = off2on.pretrain_actor_loss(member.actor.params, key, batch, member.critic.params, 0.3, True, config)
+    _, log_probs = off2on.sample_tanh_normal(key, mean, log_std)
+    expected = (0.3 * log_probs - off2on.log_prob_of(batch["actions"], mean, log_std)).mean()
+    assert float(bc) == pytest.approx(float(expected), rel=1e-5)
+
+
 @pytest.mark.slow
-def test_pretraining_is_one_vmapped_call_equal_to_cql_runs():
-    """One jitted call trains all members; member 1 follows cql.py's own update loop (its seed-4 run)."""
-    members, cql_config = pretraining_setup()
+def test_pretraining_is_one_vmapped_call_equal_to_each_member_alone():
+    """One jitted call trains all members; member 1 follows the same numbers trained alone."""
+    members, config = pretraining_setup()
     rng = np.random.default_rng(0)
     offline = off2on.buffers.from_arrays({"observations": rng.normal(size=(64, 6)).astype(np.float32),
                                           "actions": rng.uniform(-0.9, 0.9, (64, 2)).astype(np.float32),
@@ -217,10 +293,10 @@ def test_pretraining_is_one_vmapped_call_equal_to_cql_runs():
                                           "next_observations": rng.normal(size=(64, 6)).astype(np.float32),
                                           "masks": np.ones(64, np.float32)})
     member_1 = jax.tree_util.tree_map(lambda leaf: leaf[1], members)
-    trained, info = jax.jit(off2on.pretrain, static_argnums=(3, 4))(members, offline, 3, cql_config, 16)
+    trained, info = jax.jit(off2on.pretrain, static_argnums=(3,))(members, offline, 3, config)
     np.testing.assert_array_equal(trained.actor.step, [3] * 5)  # every member, one call
     assert info["critic_loss"].shape == (5,)
-    alone, _ = jax.jit(cql.train, static_argnums=(4, 5, 6))(member_1, offline, None, 3, cql_config, 16, 1.0)
+    alone, _ = jax.jit(off2on.train_member, static_argnums=(3,))(member_1, offline, 3, config)
     for vmapped, single in zip(jax.tree_util.tree_leaves(trained.critic.params),
                                jax.tree_util.tree_leaves(alone.critic.params)):
         np.testing.assert_allclose(vmapped[1], single, rtol=1e-4, atol=1e-5)
@@ -242,7 +318,7 @@ def test_end_to_end_run(reference_run):
                                                          (600, "online"), (1100, "online")]
     assert records[0]["return"] != records[2]["return"]  # pre-training changed the policy
     config = json.load(open(f"{reference_run}/config.json"))
-    assert config["algorithm"] == "off2on" and config["ensemble_size"] == 5 and config["pretraining"]["num_qs"] == 2
+    assert config["algorithm"] == "off2on" and config["ensemble_size"] == 5 and config["cql_alpha"] == 5.0
     for tag in ("train/pretrain_critic_loss", "train/critic_loss", "train/density_loss", "train/priority",
                 "train/online_share", "train/w_offline_zero_share", "train/priority_max", "eval/normalized_score"):
         assert scalar_steps(reference_run, tag), tag
@@ -262,12 +338,16 @@ def test_end_to_end_run(reference_run):
     assert kernel.shape[0] == 5 and not np.allclose(kernel[0], kernel[1])
 
 
-def test_resume_after_sigkill_matches_the_uninterrupted_run(reference_run, tiny_pointmaze, tmp_path):
-    """SIGKILLed after a fine-tuning checkpoint (online step 250, 500 or 750 of 1000), resumed
-    from it, the run ends with the evaluations, training curve and priorities of the
-    uninterrupted one (the work after the checkpoint is redone the same way)."""
-    killed = kill_after_checkpoint("off2on.py", ["--env", tiny_pointmaze, *TINY], tmp_path,
-                                   ready=lambda payload: 0 < payload["progress"]["online_step"] < 1000)
+@pytest.mark.parametrize("phase, ready", [
+    ("pre-training", lambda payload: 0 < payload["progress"]["offline_step"] < 100),
+    ("fine-tuning", lambda payload: 0 < payload["progress"]["online_step"] < 1000),
+])
+def test_resume_after_sigkill_matches_the_uninterrupted_run(phase, ready, reference_run, tiny_pointmaze, tmp_path):
+    """SIGKILLed after a checkpoint of either phase (pre-training update 50, or fine-tuning step
+    250, 500 or 750 of 1000), resumed from it, the run ends with the evaluations, training curve
+    and priorities of the uninterrupted one (the work after the checkpoint is redone the same way)."""
+    killed = kill_after_checkpoint("off2on.py", ["--env", tiny_pointmaze, *TINY, "--checkpoint-every", "50"], tmp_path,
+                                   ready=ready)
     assert len(scores(killed)) < len(scores(reference_run))
     off2on.main(off2on.Args(resume=str(killed), progress=False))
     assert scores(killed) == scores(reference_run)
@@ -312,8 +392,8 @@ def test_a_stop_mid_epoch_keeps_the_owed_updates(reference_run, tiny_pointmaze, 
 @pytest.mark.parametrize("flags, message", [
     (["--online-steps", "1500", "--epoch-steps", "1000"], "must be a multiple of --epoch-steps"),
     (["--init-online-fraction", "1"], "--init-online-fraction must lie in [0, 1)"),
-    (["--pretrained", "a", "b"], "--pretrained names 2 run folders; --ensemble-size is 5"),
-    (["--pretrained", "/nonexistent/a", "/nonexistent/b", "--ensemble-size", "2"], "no config.json"),
+    (["--pretrained", "/nonexistent/a"], "no config.json"),
+    (["--pretrained", "/nonexistent/a", "--offline-steps", "10"], "--pretrained replaces the pre-training"),
     (["--env", "Hopper-v5"], "name a dataset"),
 ])
 def test_bad_input_is_rejected_before_any_compute(flags, message, tmp_path):
@@ -335,28 +415,33 @@ def test_every_flag_is_documented():
     assert all(doc.strip() for doc in docs.values())
 
 
-@pytest.mark.slow
-def test_pretrained_cql_runs_become_the_members(tiny_pointmaze, tmp_path):
-    """--pretrained loads finished cql.py runs as the members, with their widths; with no online
-    steps the run's final checkpoint holds exactly their actors and critics."""
-    cql_flags = ["--env", tiny_pointmaze, "--offline-steps", "30", "--online-steps", "0", "--actor-hidden-dims", "16",
-                 "16", "--critic-hidden-dims", "16", "16", "--batch-size", "32", "--cql-n-actions", "2",
-                 "--eval-episodes", "1", "--progress", "False", "--log-dir", str(tmp_path / "cql")]
-    runs = [cql.main(tyro.cli(cql.Args, args=[*cql_flags, "--seed", str(seed)])) for seed in (0, 4)]
+def test_pretrained_takes_the_members_of_a_finished_pretraining(reference_run, tiny_pointmaze, tmp_path):
+    """--pretrained fine-tunes the members an off2on.py run saved at the end of its pre-training,
+    with their settings; with no online steps the new run's final checkpoint holds exactly them."""
+    saved = checkpoint.load(f"{reference_run}/{off2on.PRETRAINED_FILE}")
     run_dir = off2on.main(tyro.cli(off2on.Args, args=[
-        "--env", tiny_pointmaze, "--pretrained", *runs, "--ensemble-size", "2", "--online-steps", "0",
+        "--env", tiny_pointmaze, "--pretrained", str(reference_run), "--seed", "1", "--online-steps", "0",
         "--eval-episodes", "1", "--density-hidden-dims", "16", "16", "--progress", "False",
-        "--log-dir", str(tmp_path / "off2on")]))
+        "--log-dir", str(tmp_path / "runs")]))
     config = json.load(open(f"{run_dir}/config.json"))
-    assert config["offline_steps"] == 0 and config["actor_hidden_dims"] == [16, 16]
+    assert config["offline_steps"] == 0 and config["actor_hidden_dims"] == [16, 16] and config["bc_steps"] == 20
     assert [(r["step"], r["phase"]) for r in read_evaluations(run_dir)] == [(0, "online")]
-    saved = checkpoint.load(f"{run_dir}/{CHECKPOINT_FILE}")["agent"]
-    for i, source in enumerate(runs):
-        agent, _, _ = cql.load_agent(source)
-        for name in ("actor", "critic"):
-            for loaded, stacked in zip(jax.tree_util.tree_leaves(getattr(agent, name).params),
-                                       jax.tree_util.tree_leaves(saved[name]["params"])):
-                np.testing.assert_array_equal(stacked[i], loaded)
+    final = checkpoint.load(f"{run_dir}/{CHECKPOINT_FILE}")["agent"]
+    for name in ("actor", "critic"):
+        for source, restored in zip(jax.tree_util.tree_leaves(saved[name]), jax.tree_util.tree_leaves(final[name]["params"])):
+            np.testing.assert_array_equal(restored, source)
+
+
+def test_pretrained_refuses_a_run_whose_pretraining_has_not_finished(reference_run, tiny_pointmaze, tmp_path):
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text(open(f"{reference_run}/config.json").read())
+    with pytest.raises(UserError, match="has not finished its pre-training; continue it first"):
+        off2on.main(off2on.Args(env=tiny_pointmaze, pretrained=str(unfinished), log_dir=str(tmp_path / "runs")))
+    with pytest.raises(UserError, match="differs from the --pretrained run's"):
+        off2on.main(off2on.Args(env=tiny_pointmaze, pretrained=str(reference_run), ensemble_size=2,
+                                log_dir=str(tmp_path / "runs")))
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
 MARGIN = 10.0  # normalized-score points, below the smallest gain measured over seeds 0-3 (13.7)

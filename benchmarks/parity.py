@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -55,10 +56,23 @@ OUTPUT_TOLERANCE = (1e-5, 1e-5)  # (absolute, relative): the same float32 networ
 UPDATE_TOLERANCE = (1e-5, 1e-4)  # one update: the same gradients summed in another order, through Adam
 DEFAULT_Z = 4.0  # distribution checks: standard errors of the difference of the means
 
+# References besides compare.py's, set up the same way (pinned commit, own virtual environment with
+# this interpreter's jax, jaxlib, flax, optax and numpy, plus these packages).
+REFERENCES = {
+    **compare.REFERENCES,
+    # The snapshot's newest commit. JaxCQL/conservative_sac.py imports only jax_utils.py and
+    # model.py; model.py needs distrax (0.1.9 runs on jax 0.10 with tfp-nightly, as compare.py's
+    # JAX-CORL set-up found) and ml-collections (the config). Its pins (jax 0.3.15, flax 0.4.2,
+    # distrax 0.1.2) do not install on this Python; the update's code runs unchanged on ours.
+    "cal-ql": compare.Reference("cal-ql", "nakamotoo/Cal-QL", "https://github.com/nakamotoo/Cal-QL",
+                                "ac6eafec22e8d60836573e1f488c7f626ce8a77e",
+                                ("distrax==0.1.9", "tfp-nightly==0.26.0.dev20261027", "ml-collections==1.1.0")),
+}
+
 
 @dataclasses.dataclass
 class ParityArgs:
-    algorithms: tuple[Literal["rlpd"], ...] = ("rlpd",)
+    algorithms: tuple[Literal["rlpd", "calql", "cql"], ...] = ("rlpd", "calql", "cql")
     """Algorithms to check, in this order."""
     keys: int = 100
     """Random keys per side for the checks made in distribution."""
@@ -77,6 +91,9 @@ class ParityArgs:
     rlpd_source: str = compare.REFERENCES["rlpd"].url
     """ikostrikov/rlpd to clone: a URL, a local checkout or a git directory."""
     rlpd_commit: str = compare.REFERENCES["rlpd"].commit
+    cal_ql_source: str = REFERENCES["cal-ql"].url
+    """nakamotoo/Cal-QL to clone (JaxCQL: CQL and Cal-QL)."""
+    cal_ql_commit: str = REFERENCES["cal-ql"].commit
     json_out: str | None = None
     """Also append the JSON lines to this file."""
     dry_run: bool = False
@@ -171,16 +188,19 @@ def rename(flat: dict, renames: dict[str, str]) -> dict:
 
 
 def make_batch(seed: int, rows: int, observation_dim: int, action_dim: int) -> dict[str, np.ndarray]:
-    """Random transitions with every key the official updates read (rlpd: masks and dones).
-    Rewards are AntMaze's r - 1 (-1, 0 at the goal): a target whose mean is far from the initial
-    Q-values, so that a term of the wrong sign in the target changes the squared TD error."""
+    """Random transitions with every key the official updates read (rlpd: masks; JaxCQL: dones and
+    Monte-Carlo returns). Rewards are AntMaze's r - 1 (-1, 0 at the goal): a target whose mean is
+    far from the initial Q-values, so that a term of the wrong sign in the target changes the
+    squared TD error. Returns-to-go are standard normal: about half the rows lie above the initial
+    Q-values (near 0), so the Cal-QL floor acts on some rows and not on others."""
     rng = np.random.default_rng(seed)
     masks = (rng.uniform(size=rows) > 0.2).astype(np.float32)  # some terminal rows
     return {"observations": rng.normal(size=(rows, observation_dim)).astype(np.float32),
             "actions": rng.uniform(-0.9, 0.9, (rows, action_dim)).astype(np.float32),
             "rewards": (1.0 - masks) - 1.0,
-            "masks": masks, "dones": masks == 0,
-            "next_observations": rng.normal(size=(rows, observation_dim)).astype(np.float32)}
+            "masks": masks, "dones": 1.0 - masks,
+            "next_observations": rng.normal(size=(rows, observation_dim)).astype(np.float32),
+            "mc_returns": rng.normal(size=rows).astype(np.float32)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +336,220 @@ def compare_rlpd(cases: list[dict], batch: dict, theirs: dict, z: float) -> list
 
 
 # ---------------------------------------------------------------------------------------------
+# CQL and Cal-QL: nakamotoo/Cal-QL JaxCQL ConservativeSAC against algorithms/cql.py (--recipe
+# jaxcql) and algorithms/calql.py
+
+JAXCQL_NETWORKS = {"policy": "actor", "qf1": "critic", "qf2": "critic", "target_qf1": "target_critic",
+                   "target_qf2": "target_critic", "log_alpha": "temperature", "log_alpha_prime": "alpha_prime"}
+
+
+def jaxcql_mapping(theirs: dict) -> dict:
+    """Their flat parameters (driver layout: NETWORK/params/...) in our layout.
+
+    policy: base_network/Dense_0..L-1 are our actor's MLP_0/Dense_i, its last Dense_L (mean and
+    log-std head, 2|A| wide) our Dense_0; log_std_{multiplier,offset}_module/value our
+    log_std_{multiplier,offset}. qf1, qf2 (two separate networks there): FullyConnectedNetwork_0/
+    Dense_0..L-1 are our VmapCritic_0/MLP_0/Dense_i and Dense_L our head VmapCritic_0/Dense_0,
+    stacked on a leading axis in the order qf1, qf2 (likewise the targets). log_alpha/value and
+    log_alpha_prime/value are our temperature's and alpha prime's log_value."""
+    mapped, critics = {}, {}
+    for path, value in theirs.items():
+        network, _, *rest = path.split("/")  # NETWORK/params/...
+        ours = JAXCQL_NETWORKS[network]
+        if network == "policy" and rest[0] == "base_network":
+            mapped[f"actor/{dense_path(rest[1:], theirs, 'policy/params/base_network', 'MLP_0')}"] = value
+        elif network == "policy":
+            mapped[f"actor/{rest[0].removesuffix('_module')}"] = value
+        elif ours in ("temperature", "alpha_prime"):
+            mapped[f"{ours}/log_value"] = value
+        else:
+            inner = dense_path(rest[1:], theirs, f"{network}/params/FullyConnectedNetwork_0", "MLP_0")
+            critics.setdefault(f"{ours}/VmapCritic_0/{inner}", {})[network] = value
+    for path, members in critics.items():
+        order = sorted(members, key=lambda name: name[-1])  # qf1 then qf2 (and the targets likewise)
+        mapped[path] = np.stack([members[name] for name in order])
+    return mapped
+
+
+def dense_path(rest: list[str], theirs: dict, prefix: str, trunk: str) -> str:
+    """Dense_i/leaf of their MLP with its output layer inside: the last Dense is our head
+    Dense_0, the others our trunk's Dense_i."""
+    layers = {path.split("/")[len(prefix.split("/"))] for path in theirs if path.startswith(prefix + "/")}
+    last = max(int(layer.split("_")[1]) for layer in layers)
+    layer, leaf = rest
+    return f"Dense_0/{leaf}" if int(layer.split("_")[1]) == last else f"{trunk}/{layer}/{leaf}"
+
+
+def jaxcql_cases(args: ParityArgs, calibrated: bool) -> list[dict]:
+    """The cases of cql.py (calibrated False: their enable_calql False) or calql.py (True).
+
+    deterministic (every random draw made irrelevant): log-std at its clip, temperature e^-30,
+    and critics that ignore the action (`ignore_actions`), so that Q at uniform random actions is
+    Q(s); the plain log-sum-exp (with importance sampling the policy samples' weights are e^-57
+    at that std and the Cal-QL floor would not show). The random actions still reach the
+    gradient of the first kernel's action rows, which are left out of the updated-parameter
+    check. lagrange: the same with importance sampling and the Lagrange multiplier (cql.py).
+    actor: no penalty (their use_cql False, our alpha 0) and critics that see the action: the
+    actor's gradient through Q(s, tanh(mean)) and the max-target backup, exactly. random: the
+    AntMaze settings (importance sampling, Lagrange, gap 0.8), the initialisation untouched but
+    for the critics' output kernels x100 (Q-values spread over about +-1, not +-0.01, so that the
+    max over sampled next actions and the floor matter), in distribution over `keys` keys."""
+    arch = f"{args.hidden}-{args.hidden}"
+    shared = {"policy_arch": arch, "qf_arch": arch, "seed": args.seed, "cql_min_q_weight": 5.0,
+              "enable_calql": calibrated, "use_cql": True}
+    fixed = {"log_std_clip": True, "log_alpha": -30.0, "deterministic": True, "keys": 0}
+    plain = {"cql_importance_sample": False, "cql_lagrange": False, "cql_target_action_gap": 0.8}
+    exact = ["critic_loss", "td_loss", "cql_gap", "q", "actor_loss", "temperature"]
+    bound = ["below_bound_rate"] if calibrated else []
+    cases = [{**shared, **fixed, "case": "penalty-deterministic", "ignore_actions": True, "cql": plain,
+              "exact": exact + bound, "random": []}]
+    if not calibrated:
+        cases += [{**shared, **fixed, "case": "lagrange-deterministic", "ignore_actions": True,
+                   "cql": {**plain, "cql_importance_sample": True, "cql_lagrange": True},
+                   "exact": exact + ["alpha_prime", "alpha_prime_loss"], "random": []},
+                  {**shared, **fixed, "case": "actor-deterministic", "use_cql": False, "cql": plain,
+                   "exact": ["critic_loss", "q", "actor_loss", "temperature"], "random": []}]
+    cases.append({**shared, "case": "random", "deterministic": False, "keys": args.keys, "critic_head_scale": 100.0,
+                  "cql": {"cql_importance_sample": True, "cql_lagrange": True, "cql_target_action_gap": 0.8},
+                  "exact": ["q", "temperature", "alpha_prime"],
+                  "random": ["critic_loss", "td_loss", "cql_gap", "actor_loss", "entropy", "temperature_loss",
+                             "alpha_prime_loss", *bound]})
+    return cases
+
+
+def jaxcql_their_metrics(info: dict) -> dict:
+    """Their metrics under our names (each ours sums or averages the two critics as named)."""
+    names = {"critic_loss": info["qf1_loss"] + info["qf2_loss"], "actor_loss": info["policy_loss"],
+             "q": (info["q1_pred_mean"] + info["q2_pred_mean"]) / 2, "entropy": -info["log_pi_mean"],
+             "temperature": info["alpha"], "temperature_loss": info["alpha_loss"]}
+    if "cql/qf1_bellman_loss" in info:
+        names.update(td_loss=info["cql/qf1_bellman_loss"] + info["cql/qf2_bellman_loss"],
+                     cql_gap=(info["cql/cql_qf1_diff"] + info["cql/cql_qf2_diff"]) / 2,
+                     alpha_prime=info["cql/alpha_prime"], alpha_prime_loss=info["cql/alpha_prime_loss"],
+                     below_bound_rate=(info["cql/bound_rate_cql_q1_current_actions"]
+                                       + info["cql/bound_rate_cql_q2_current_actions"]) / 2)
+    else:  # use_cql False: the critic loss is the TD loss
+        names["td_loss"] = names["critic_loss"]
+    return names
+
+
+def jaxcql_our_args(module, case: dict):
+    """Our Args matching the case: JaxCQL's learning rates (policy 1e-4, critics and alpha' 3e-4,
+    temperature the policy's), 2 critics, no BC, max-target backup, target entropy -|A|."""
+    cql = case["cql"]
+    fields = dict(actor_hidden_dims=tuple(int(w) for w in case["policy_arch"].split("-")),
+                  critic_hidden_dims=tuple(int(w) for w in case["qf_arch"].split("-")), num_qs=2, num_min_qs=2,
+                  actor_lr=1e-4, critic_lr=3e-4, temp_lr=None, alpha_prime_lr=3e-4, bc_steps=0,
+                  max_target_backup=True, backup_entropy=False, cql_n_actions=10, cql_temperature=1.0,
+                  cql_importance_sample=cql["cql_importance_sample"], cql_lagrange=cql["cql_lagrange"],
+                  cql_target_action_gap=cql["cql_target_action_gap"],
+                  cql_alpha=case["cql_min_q_weight"] if case["use_cql"] else 0.0, seed=case["seed"])
+    if "recipe" in {field.name for field in dataclasses.fields(module.Args)}:
+        fields["recipe"] = "jaxcql"  # cql.py: JaxCQL's Lagrange form and max-target backup
+    return dataclasses.replace(module.Args(), **fields)
+
+
+def jaxcql_our_params(agent) -> dict:
+    return {"actor": agent.actor.params, "critic": agent.critic.params, "target_critic": agent.target_critic_params,
+            "temperature": agent.temperature.params, "alpha_prime": agent.alpha_prime.params}
+
+
+def jaxcql_our_side(module, case: dict, batch: dict, params: dict | None) -> dict:
+    """Our arrays for one case in our layout (params None: only init/, a fresh agent's)."""
+    import jax
+    import jax.numpy as jnp
+
+    observation_dim, action_dim = batch["observations"].shape[-1], batch["actions"].shape[-1]
+    args = jaxcql_our_args(module, case)
+    config = module.make_config(args, action_dim)
+    agent = module.create_agent(args, config, observation_dim, action_dim)
+    if params is None:
+        return flatten({"init": jaxcql_our_params(agent)})
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+
+    def fresh(state, new_params):
+        return state.replace(params=new_params, opt_state=state.tx.init(new_params))
+
+    agent = agent.replace(actor=fresh(agent.actor, params["actor"]), critic=fresh(agent.critic, params["critic"]),
+                          target_critic_params=params["target_critic"],
+                          temperature=fresh(agent.temperature, params["temperature"]),
+                          alpha_prime=fresh(agent.alpha_prime, params["alpha_prime"]))
+    rows = {name: jnp.asarray(value) for name, value in batch.items()}
+    mean, log_std = config.actor.apply({"params": agent.actor.params}, rows["observations"])
+    q = config.critic.apply({"params": agent.critic.params}, rows["observations"], rows["actions"])
+    arrays = {"out/q1": q[0], "out/q2": q[1], "out/actor_mode": jnp.tanh(mean),
+              "out/data_log_prob": module.log_prob_of(rows["actions"], mean, log_std),
+              "out/temperature": module.scalar_value(agent.temperature),
+              "out/alpha_prime": module.scalar_value(agent.alpha_prime)}
+    update = jax.jit(lambda agent: module.update(agent, rows, config))
+    updated, info = update(agent.replace(key=jax.random.PRNGKey(case["seed"])))
+    arrays.update(flatten({"info": info, "updated": jaxcql_our_params(updated)}))
+    draws = [update(agent.replace(key=jax.random.PRNGKey(1000 + index)))[1] for index in range(case["keys"])]
+    if draws:
+        arrays.update({f"dist/{name}": np.stack([np.asarray(d[name]) for d in draws]) for name in draws[0]})
+    return {name: np.asarray(value) for name, value in arrays.items()}
+
+
+def jaxcql_outputs(case: dict) -> list[str]:
+    """Outputs compared before the update. The log-probability of the data actions only where the
+    std is not clipped to e^-20 (there it is about -1e17 on both sides, float32 noise)."""
+    outputs = ["q1", "q2", "actor_mode", "temperature"]
+    if not case.get("log_std_clip"):
+        outputs.append("data_log_prob")
+    if case["cql"]["cql_lagrange"]:
+        outputs.append("alpha_prime")
+    return outputs
+
+
+def compare_jaxcql(algorithm: str, cases: list[dict], batch: dict, theirs: dict, z: float) -> list[Check]:
+    """Every check of every case of `algorithm` ("cql" or "calql": our file), from the driver's arrays."""
+    import importlib
+    module = importlib.import_module(f"algorithms.{algorithm}")
+    observation_dim = batch["observations"].shape[-1]
+    checks = []
+    for case in cases:
+        name = case["case"]
+        their_case = subtree(theirs, name)
+        mapped = jaxcql_mapping(subtree(their_case, "init"))
+        fresh = subtree(jaxcql_our_side(module, case, batch, None), "init")
+        if "alpha_prime/log_value" not in mapped:  # no Lagrange: theirs has no alpha'; ours keeps an unused one
+            mapped["alpha_prime/log_value"] = fresh["alpha_prime/log_value"]
+        checks.append(mapping_check(algorithm, name, "parameter mapping", mapped, fresh))
+        if not checks[-1].passed:
+            continue
+        ours = jaxcql_our_side(module, case, batch, unflatten(mapped))
+        for output in jaxcql_outputs(case):
+            checks.append(compare_arrays(algorithm, name, f"{output} before the update", their_case[f"out/{output}"],
+                                         ours[f"out/{output}"], OUTPUT_TOLERANCE))
+        their_info = jaxcql_their_metrics(subtree(their_case, "info"))
+        for metric in case["exact"]:
+            checks.append(compare_arrays(algorithm, name, metric, their_info[metric], ours[f"info/{metric}"],
+                                         UPDATE_TOLERANCE))
+        if case["random"]:
+            their_draws = jaxcql_their_metrics(subtree(their_case, "dist"))
+            for metric in case["random"]:
+                checks.append(compare_distribution(algorithm, name, f"{metric} (mean over keys)", their_draws[metric],
+                                                   ours[f"dist/{metric}"], z))
+        if case["deterministic"]:
+            updated = jaxcql_mapping(subtree(their_case, "updated"))
+            for network in ("actor", "critic", "target_critic", "temperature", "alpha_prime"):
+                their_tree, our_tree = subtree(updated, network), subtree(ours, f"updated/{network}")
+                if not their_tree:
+                    continue  # alpha' without Lagrange: theirs has none
+                note = ""
+                if case.get("ignore_actions") and "critic" in network:
+                    first = "VmapCritic_0/MLP_0/Dense_0/kernel"  # the random actions' rows are left out
+                    their_tree = {**their_tree, first: their_tree[first][:, :observation_dim]}
+                    our_tree = {**our_tree, first: our_tree[first][:, :observation_dim]}
+                    note = "first kernel's action rows left out; "
+                check = compare_trees(algorithm, name, f"{network} parameters after the update", their_tree, our_tree,
+                                      UPDATE_TOLERANCE)
+                check.note = note + check.note
+                checks.append(check)
+    return checks
+
+
+# ---------------------------------------------------------------------------------------------
 # Running the drivers
 
 
@@ -329,7 +563,11 @@ class Pair:
     compare: Callable[[list[dict], dict, dict, float], list[Check]]
 
 
-PAIRS = {"rlpd": Pair(compare.REFERENCES["rlpd"], "rlpd_parity.py", rlpd_cases, compare_rlpd)}
+PAIRS = {"rlpd": Pair(REFERENCES["rlpd"], "rlpd_parity.py", rlpd_cases, compare_rlpd),
+         "calql": Pair(REFERENCES["cal-ql"], "calql_parity.py", lambda args: jaxcql_cases(args, calibrated=True),
+                       functools.partial(compare_jaxcql, "calql")),
+         "cql": Pair(REFERENCES["cal-ql"], "calql_parity.py", lambda args: jaxcql_cases(args, calibrated=False),
+                     functools.partial(compare_jaxcql, "cql"))}
 
 
 def driver_command(args: ParityArgs, algorithm: str, input_path: str, output_path: str) -> list[str]:

@@ -178,6 +178,14 @@ def mapping_check(algorithm: str, case: str, quantity: str, theirs: dict, ours: 
                  "; ".join(problems) or f"{len(theirs)} leaves map one to one")
 
 
+def missing(algorithm: str, case: str, quantity: str, ours: dict, prefix: str, metric: str | None = None) -> Check | None:
+    """A failed check when our update does not report a metric that theirs does; else None."""
+    if f"{prefix}/{metric or quantity}" in ours:
+        return None
+    return Check(algorithm, case, quantity, "exact" if prefix == "info" else "distribution", None, None, "-", False,
+                 "our update does not report it")
+
+
 def rename(flat: dict, renames: dict[str, str]) -> dict:
     """The flat tree with each path component renamed by `renames` (components not named stay)."""
     return {"/".join(renames.get(part, part) for part in path.split("/")): value for path, value in flat.items()}
@@ -523,13 +531,14 @@ def compare_jaxcql(algorithm: str, cases: list[dict], batch: dict, theirs: dict,
                                          ours[f"out/{output}"], OUTPUT_TOLERANCE))
         their_info = jaxcql_their_metrics(subtree(their_case, "info"))
         for metric in case["exact"]:
-            checks.append(compare_arrays(algorithm, name, metric, their_info[metric], ours[f"info/{metric}"],
-                                         UPDATE_TOLERANCE))
+            checks.append(missing(algorithm, name, metric, ours, "info") or compare_arrays(
+                algorithm, name, metric, their_info[metric], ours[f"info/{metric}"], UPDATE_TOLERANCE))
         if case["random"]:
             their_draws = jaxcql_their_metrics(subtree(their_case, "dist"))
             for metric in case["random"]:
-                checks.append(compare_distribution(algorithm, name, f"{metric} (mean over keys)", their_draws[metric],
-                                                   ours[f"dist/{metric}"], z))
+                checks.append(missing(algorithm, name, f"{metric} (mean over keys)", ours, "dist", metric)
+                              or compare_distribution(algorithm, name, f"{metric} (mean over keys)",
+                                                      their_draws[metric], ours[f"dist/{metric}"], z))
         if case["deterministic"]:
             updated = jaxcql_mapping(subtree(their_case, "updated"))
             for network in ("actor", "critic", "target_critic", "temperature", "alpha_prime"):

@@ -15,7 +15,7 @@ and no dataset is needed. Results are printed as one JSON line.
 
 `--algorithm wsrl` times algorithms/wsrl.py's `online_step` the same way (insert, a batch of
 1024 split into 4 critic steps in a lax.scan, actor and temperature steps, next action) on a
-freshly initialised network of WSRL's pre-training preset for the domain (10 LayerNorm critics),
+freshly initialised network of WSRL's preset for the domain (10 LayerNorm critic trunks, one head),
 with an online buffer and no offline data (ratio 0):
 
     python benchmarks/speed.py --algorithm wsrl --domain antmaze
@@ -147,26 +147,20 @@ def measure(args: SpeedArgs) -> dict:
 
 
 def measure_wsrl(args: SpeedArgs) -> dict:
-    """WSRL's online step on a fresh network of its pre-training preset (timing does not depend
+    """WSRL's online step on a fresh network of its preset (timing does not depend
     on the weights), an online buffer of random rows and no offline data."""
-    algorithm, settings = wsrl.WSRL_PRETRAINING[args.domain]
-    module = wsrl.PRETRAINERS[algorithm]
-    pre_args = dataclasses.replace(module.apply_preset(module.Args(**settings), args.domain),
-                                   target_entropy=-float(args.action_dim))
-    pre_config = module.make_config(pre_args, args.action_dim)
-    pre_agent = module.create_agent(pre_args, pre_config, args.observation_dim, args.action_dim)
-    pretrained = wsrl.Pretrained(module, pre_args, pre_config, pre_agent,
-                                 {"observation_dim": args.observation_dim, "action_dim": args.action_dim})
     train_args = wsrl.apply_preset(wsrl.Args(utd=args.utd or 4, batch_size=args.batch_size or 1024), args.domain)
-    config = wsrl.make_config(train_args, pretrained)
-    agent = wsrl.fine_tuning_agent(pre_agent, train_args)
+    config = wsrl.make_config(train_args, args.action_dim)
+    agent = wsrl.fine_tuning_agent(wsrl.create_agent(train_args, config, args.observation_dim, args.action_dim),
+                                   train_args)
     rng = np.random.default_rng(0)
     online = buffers.from_arrays(random_rows(rng, 100_000, args.observation_dim, args.action_dim))
     transition = {key: value[0] for key, value in random_rows(rng, 1, args.observation_dim, args.action_dim).items()}
     online_step = wsrl.make_online_step(train_args, config)
     timing, _, _ = time_online_step(online_step, agent, online, None, transition, args, train_args.utd)
-    return {"algorithm": "wsrl", "domain": args.domain, "pretraining_script": algorithm, "num_qs": pre_args.num_qs,
-            "critic_hidden_dims": list(pre_args.critic_hidden_dims), "actor_hidden_dims": list(pre_args.actor_hidden_dims),
+    return {"algorithm": "wsrl", "domain": args.domain, "pretraining": train_args.pretraining,
+            "ensemble_size": train_args.ensemble_size, "critic_hidden_dims": list(train_args.critic_hidden_dims),
+            "actor_hidden_dims": list(train_args.actor_hidden_dims),
             "max_target_backup": train_args.max_target_backup, "utd": train_args.utd,
             "batch_size": train_args.batch_size, **timing}
 

@@ -1,9 +1,11 @@
-"""WSRL: the fine-tuning losses against hand computations, the official batch split and warmup
-rule, the optimizer's zero-gradient steps, a pre-trained run fine-tuned end to end, exact resume
-after a SIGKILL, and one clear message for bad input."""
+"""WSRL: its network (one critic head shared by every member), its pre-training losses, the
+returns-to-go and Kitchen terminals of its data, the fine-tuning losses and batch split against
+hand computations, one run that pre-trains then fine-tunes, exact resume after a SIGKILL in
+either phase, `--pretrained`, and one clear message for bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -13,28 +15,184 @@ import numpy as np
 import pytest
 import tyro
 
-from algorithms import calql, wsrl
-from common import buffers
+from algorithms import wsrl
+from common import buffers, datasets
 from tests.conftest import kill_after_checkpoint, run_script, scores
 
-PRETRAIN = ["--actor-hidden-dims", "32", "32", "--critic-hidden-dims", "32", "32", "--num-qs", "4",
-            "--num-min-qs", "2", "--layer-norm", "True", "--std-head", "separate", "--output-gain", "1.414",
-            "--last-hidden-gain", "0.01", "--wsrl-losses", "True", "--batch-size", "64", "--cql-n-actions", "4",
-            "--offline-steps", "200", "--online-steps", "0", "--eval-every", "200", "--eval-episodes", "2",
-            "--progress", "False"]
-FINE_TUNE = ["--batch-size", "64", "--warmup-steps", "100", "--online-steps", "700", "--eval-every", "350",
-             "--eval-episodes", "2", "--log-every", "100", "--progress", "False"]
+OBSERVATION_DIM, ACTION_DIM, ROWS = 6, 2, 8
+TINY = ["--offline-steps", "200", "--offline-batch-size", "64", "--actor-hidden-dims", "32", "32",
+        "--critic-hidden-dims", "32", "32", "--ensemble-size", "4", "--cql-n-actions", "4", "--batch-size", "64",
+        "--warmup-steps", "100", "--online-steps", "700", "--eval-every", "350", "--eval-episodes", "2",
+        "--log-every", "50", "--checkpoint-every", "50", "--progress", "False"]
 
 
-@pytest.fixture(scope="module")
-def pretrained_run(tiny_pointmaze, tmp_path_factory) -> str:
-    """A finished tiny calql.py run with WSRL's network and losses (4 LayerNorm critics, subset 2)."""
-    log_dir = tmp_path_factory.mktemp("pretrain")
-    return calql.main(tyro.cli(calql.Args, args=["--env", tiny_pointmaze, *PRETRAIN, "--log-dir", str(log_dir)]))
+def tiny_args(**overrides) -> wsrl.Args:
+    args = wsrl.apply_preset(wsrl.Args(actor_hidden_dims=(16, 16), critic_hidden_dims=(16, 16), ensemble_size=10,
+                                       cql_n_actions=3, batch_size=ROWS, utd=2), "pointmaze")
+    return dataclasses.replace(args, **overrides)
+
+
+def fresh(**overrides):
+    args = tiny_args(**overrides)
+    config = wsrl.make_config(args, ACTION_DIM)
+    return args, config, wsrl.create_agent(args, config, OBSERVATION_DIM, ACTION_DIM)
+
+
+def random_batch(seed=0):
+    rng = np.random.default_rng(seed)
+    return {"observations": jnp.asarray(rng.normal(size=(ROWS, OBSERVATION_DIM)), jnp.float32),
+            "actions": jnp.asarray(rng.uniform(-0.9, 0.9, (ROWS, ACTION_DIM)), jnp.float32),
+            "rewards": jnp.asarray(rng.normal(size=ROWS), jnp.float32),
+            "next_observations": jnp.asarray(rng.normal(size=(ROWS, OBSERVATION_DIM)), jnp.float32),
+            "masks": jnp.ones(ROWS, jnp.float32), "mc_returns": jnp.full(ROWS, -1e3, jnp.float32)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+
+
+@pytest.mark.parametrize("ensemble_size", [2, 10])
+def test_the_critic_has_one_head_shared_by_every_member(ensemble_size):
+    _, config, agent = fresh(ensemble_size=ensemble_size)
+    params = agent.critic.params
+    one_wide = [leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+                if path[-1].key == "kernel" and leaf.shape[-1] == 1]
+    assert one_wide == [(16, 1)]  # a single (H, 1) kernel, not one per member
+    assert params["trunks"]["Dense_0"]["kernel"].shape[0] == ensemble_size
+    batch = random_batch()
+
+    def member_0(params):  # a loss on member 0 alone
+        return config.critic.apply({"params": params}, batch["observations"], batch["actions"])[0].mean()
+
+    head_grad = jax.grad(member_0)(params)["head"]
+    stepped = {**params, "head": jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params["head"], head_grad)}
+    before = config.critic.apply({"params": params}, batch["observations"], batch["actions"])
+    after = config.critic.apply({"params": stepped}, batch["observations"], batch["actions"])
+    assert np.all(np.abs(np.asarray(after - before)).max(axis=1) > 1e-6)  # every member's Q moved
+
+
+def test_actor_std_heads_and_their_range():
+    _, config, agent = fresh()
+    observations = random_batch()["observations"]
+    _, log_std = config.actor.apply({"params": agent.actor.params}, observations)
+    assert np.ptp(np.asarray(log_std)[:, 0]) > 1e-6  # its own head: depends on the state
+    huge = jax.tree_util.tree_map(lambda leaf: leaf * 1e4, agent.actor.params)
+    _, log_std = config.actor.apply({"params": huge}, observations)
+    assert np.log(1e-5) - 1e-5 <= np.asarray(log_std).min() and np.asarray(log_std).max() <= np.log(10.0) + 1e-5
+    assert np.isclose(np.asarray(log_std).min(), np.log(1e-5)) or np.isclose(np.asarray(log_std).max(), np.log(10))
+    _, config, agent = fresh(state_independent_std=True)  # AntMaze's "uniform"
+    assert agent.actor.params["log_std"].shape == (ACTION_DIM,)
+    _, log_std = config.actor.apply({"params": agent.actor.params}, observations)
+    np.testing.assert_array_equal(np.asarray(log_std), 0.0)
+
+
+@pytest.mark.parametrize("domain, gain", [("antmaze", 1e-2), ("kitchen", np.sqrt(2.0))])
+def test_the_last_hidden_layer_gain_and_softplus_scalars_at_one(domain, gain):
+    args = dataclasses.replace(wsrl.apply_preset(wsrl.Args(), domain), actor_hidden_dims=(8, 8),
+                               critic_hidden_dims=(8, 8))
+    config = wsrl.make_config(args, ACTION_DIM)
+    agent = wsrl.create_agent(args, config, OBSERVATION_DIM, ACTION_DIM)
+    last = np.asarray(agent.critic.params["trunks"]["Dense_1"]["kernel"][0], np.float64)
+    first = np.asarray(agent.critic.params["trunks"]["Dense_0"]["kernel"][0], np.float64)
+    np.testing.assert_allclose(np.linalg.svd(last, compute_uv=False), gain, rtol=1e-4)  # orthogonal x gain
+    np.testing.assert_allclose(np.linalg.svd(first, compute_uv=False), np.sqrt(2.0), rtol=1e-4)
+    assert float(wsrl.scalar_value(agent.temperature)) == pytest.approx(1.0)
+    assert float(wsrl.scalar_value(agent.alpha_prime)) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: returns-to-go and terminals
+
+
+def test_returns_to_go_are_finite_horizon_sums_on_kitchen():
+    """env_common.py calc_return_to_go with infinite_horizon False: no r / (1 - gamma) tail after
+    a trajectory that did not terminate."""
+    args = dataclasses.replace(wsrl.apply_preset(wsrl.Args(), "kitchen"), reward_bias=0.0)
+    task = datasets.Task(name="kitchen-mixed", domain="kitchen", dataset_id="D4RL/kitchen/mixed-v2", env_id=None)
+    rewards = np.array([1.0, 2.0, 3.0], np.float32)
+    ends, terminated = np.array([False, False, True]), np.zeros(3, bool)
+    returns = wsrl.monte_carlo_returns(rewards, ends, terminated, args, task)
+    np.testing.assert_allclose(returns, [1 + 0.99 * 2 + 0.99**2 * 3, 2 + 0.99 * 3, 3.0], rtol=1e-6)
+
+
+def test_a_failed_sparse_trajectory_is_worth_failing_forever():
+    args = wsrl.apply_preset(wsrl.Args(), "antmaze")  # reward 10 r - 5: failure -5
+    task = datasets.Task(name="antmaze-large", domain="antmaze", dataset_id="D4RL/antmaze/large-diverse-v1",
+                         env_id=None)
+    returns = wsrl.monte_carlo_returns(np.full(3, -5.0, np.float32), np.array([False, False, True]),
+                                       np.zeros(3, bool), args, task)
+    np.testing.assert_allclose(returns, -5.0 / 0.01, rtol=1e-5)
+
+
+def test_kitchen_terminals_are_where_the_raw_reward_is_four():
+    rewards, terminated = np.array([0.0, 3.0, 4.0, 4.0, 2.0]), np.array([False, False, False, False, True])
+    np.testing.assert_array_equal(wsrl.kitchen_terminals(rewards, terminated, "kitchen"),
+                                  [False, False, True, True, True])
+    np.testing.assert_array_equal(wsrl.kitchen_terminals(rewards, terminated, "locomotion"), terminated)
+
+
+def test_twenty_evaluation_episodes_by_default():
+    assert wsrl.Args().eval_episodes == 20  # finetune.py n_eval_trajs
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-training losses (wsrl/agents/cql.py)
+
+
+def critic_loss_of(config, agent, batch, target_q, alpha_prime=1.0, key=0):
+    return wsrl.pretraining_critic_loss(agent.critic.params, jax.random.PRNGKey(key), batch, target_q,
+                                        agent.actor.params, alpha_prime, config)
+
+
+def test_the_td_loss_is_averaged_over_critics():
+    _, config, agent = fresh(cql_alpha=0.0)
+    batch = random_batch()
+    loss, _ = critic_loss_of(config, agent, batch, jnp.zeros(ROWS))
+    q = config.critic.apply({"params": agent.critic.params}, batch["observations"], batch["actions"])
+    np.testing.assert_allclose(loss, (q**2).mean(), rtol=1e-5)
+
+
+def test_the_penalty_trains_only_critics_drawn_with_replacement():
+    _, config, agent = fresh(ensemble_size=10, num_min_qs=2)
+    batch = random_batch()
+    target_q = config.critic.apply({"params": agent.critic.params}, batch["observations"], batch["actions"])
+    drawn_counts = set()
+    for seed in range(12):  # the TD error is 0, so only the penalty has gradients
+        grads = jax.grad(lambda p: wsrl.pretraining_critic_loss(
+            p, jax.random.PRNGKey(seed), batch, target_q, agent.actor.params, 1.0, config)[0])(agent.critic.params)
+        trunk = np.abs(np.asarray(grads["trunks"]["Dense_0"]["kernel"])).reshape(10, -1).max(1)
+        members = set(np.flatnonzero(trunk > 0).tolist())
+        subset_key = jax.random.split(jax.random.PRNGKey(seed), 4)[3]
+        assert members == set(np.asarray(wsrl.draw_critics(subset_key, config)).tolist())
+        drawn_counts.add(len(members))
+    assert drawn_counts == {1, 2}  # with replacement: sometimes the same critic twice
+
+
+def test_the_lagrange_weight_is_the_multiplier_alone():
+    _, config, agent = fresh(cql_lagrange=True, cql_alpha=5.0, cql_target_action_gap=0.8)
+    batch = random_batch()
+    loss_1, info = critic_loss_of(config, agent, batch, jnp.zeros(ROWS), alpha_prime=1.0)
+    loss_2, _ = critic_loss_of(config, agent, batch, jnp.zeros(ROWS), alpha_prime=2.0)
+    np.testing.assert_allclose(loss_2 - loss_1, info["cql_gap"] - 0.8, rtol=1e-4, atol=1e-5)
+
+
+def test_the_temperature_learns_from_the_next_observations_entropy():
+    _, config, agent = fresh()
+    batch = random_batch()
+    update = jax.jit(lambda agent, batch: wsrl.pretraining_update(agent, batch, config)[1]["temperature_loss"])
+    reference = update(agent, batch)
+    other_states = {**batch, "observations": batch["observations"] + 3.0}
+    other_next = {**batch, "next_observations": batch["next_observations"] + 3.0}
+    assert float(update(agent, other_states)) == pytest.approx(float(reference), rel=1e-6)
+    assert abs(float(update(agent, other_next)) - float(reference)) > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning losses, batch split, warmup (wsrl/agents/sac.py, finetune.py)
 
 
 class TableCritic:
-    """A stand-in critic whose Q-values are a fixed table (num_qs, *batch_shape)."""
+    """A stand-in critic whose Q-values are a fixed table (ensemble_size, *batch_shape)."""
 
     def __init__(self, table):
         self.table = table
@@ -43,44 +201,60 @@ class TableCritic:
         return self.table
 
 
-class NoActor:
-    """A stand-in actor for a stand-in sampler that ignores its output."""
+class ZeroActor:
+    """A stand-in actor: mean 0, log-std 0 for every row."""
+
+    action_dim = ACTION_DIM
 
     def apply(self, variables, observations):
-        return None, None
+        return jnp.zeros((observations.shape[0], ACTION_DIM)), jnp.zeros((observations.shape[0], ACTION_DIM))
+
+
+def stand_in_config(table, **overrides):
+    _, config, _ = fresh()
+    return config.replace(actor=ZeroActor(), critic=TableCritic(table), ensemble_size=table.shape[0], **overrides)
 
 
 def test_target_is_min_over_a_randint_subset_then_max_over_next_actions():
-    num_qs, n, rows = 5, 3, 4
-    table = jax.random.normal(jax.random.PRNGKey(1), (num_qs, n, rows))
-    config = wsrl.Config(actor=NoActor(), critic=TableCritic(table),
-                         sample_tanh_normal=lambda key, mean, log_std, num: (jnp.zeros((num, rows, 2)), None),
-                         num_qs=num_qs, num_min_qs=2, max_target_backup=True, n_actions=n, discount=0.9, tau=0.005,
-                         target_entropy=-2.0, idle_optimizer_steps=True)
-    batch = {"next_observations": jnp.zeros((rows, 6)), "rewards": jnp.arange(rows, dtype=jnp.float32),
+    ensemble, n = 5, 3
+    table = jax.random.normal(jax.random.PRNGKey(1), (ensemble, n, 4))
+    config = stand_in_config(table, discount=0.9)
+    batch = {"next_observations": jnp.zeros((4, OBSERVATION_DIM)), "rewards": jnp.arange(4, dtype=jnp.float32),
              "masks": jnp.array([1.0, 0.0, 1.0, 1.0])}
-    def members_of(key):  # drawn with replacement: a member can be drawn twice
-        return jax.random.randint(jax.random.split(key)[1], (2,), 0, num_qs)
+
+    def members_of(key):
+        return wsrl.draw_critics(jax.random.split(key)[1], config)
 
     key = next(key for key in map(jax.random.PRNGKey, range(100)) if len(set(members_of(key).tolist())) == 2)
-    target = wsrl.td_target(key, batch, None, None, config)
-    members = members_of(key)
-    expected = batch["rewards"] + 0.9 * batch["masks"] * table[members].min(0).max(0)
+    target = wsrl.td_target(key, batch, None, None, config, n)
+    expected = batch["rewards"] + 0.9 * batch["masks"] * table[members_of(key)].min(0).max(0)
     np.testing.assert_allclose(target, expected, rtol=1e-6)
+
+
+def test_actor_loss_takes_the_min_over_all_critics():
+    table = jax.random.normal(jax.random.PRNGKey(2), (5, 4))
+    config = stand_in_config(table)
+    batch = {"observations": jnp.zeros((4, OBSERVATION_DIM))}
+    key = jax.random.PRNGKey(0)
+    _, log_probs = wsrl.sample_actions(key, None, batch["observations"], config)
+    loss, _ = wsrl.actor_loss(None, key, batch, None, 0.3, config)
+    np.testing.assert_allclose(loss, (0.3 * log_probs - table.min(0)).mean(), rtol=1e-6)
 
 
 def test_the_batch_splits_into_consecutive_minibatches_online_rows_first():
     online = buffers.from_arrays({"x": np.arange(8, dtype=np.float32)})
     offline = buffers.from_arrays({"x": np.arange(100, 108, dtype=np.float32)})
-    args = wsrl.Args(batch_size=8, offline_ratio=0.5, utd=4)
-    batch = wsrl.sample_batch(jax.random.PRNGKey(0), online, offline, args)
+    batch = wsrl.sample_batch(jax.random.PRNGKey(0), online, offline, wsrl.Args(batch_size=8, offline_ratio=0.5))
     minibatches = wsrl.split_minibatches(batch, 4)["x"]
     assert minibatches.shape == (4, 2)
     assert (minibatches[:2] < 100).all() and (minibatches[2:] >= 100).all()  # all-online, then all-offline
-    shuffled = wsrl.sample_batch(jax.random.PRNGKey(0), online, offline, wsrl.Args(batch_size=8, offline_ratio=0.5,
-                                                                                   shuffle_split=True))
+    shuffled = wsrl.sample_batch(jax.random.PRNGKey(0), online, offline,
+                                 wsrl.Args(batch_size=8, offline_ratio=0.5, shuffle_split=True))
     assert sorted(np.asarray(shuffled["x"])) == sorted(np.asarray(batch["x"]))
     assert not np.array_equal(shuffled["x"], batch["x"])
+    for seed in range(3):  # ratio 0: no offline row
+        rows = wsrl.sample_batch(jax.random.PRNGKey(seed), online, offline, wsrl.Args(batch_size=64))
+        assert (np.asarray(rows["x"]) < 100).all()
 
 
 def test_warmup_follows_the_official_rule():
@@ -90,108 +264,77 @@ def test_warmup_follows_the_official_rule():
     assert wsrl.warmup_length(wsrl.Args(warmup_steps=0, batch_size=1024, offline_ratio=0.5)) == 513
 
 
-def test_at_ratio_zero_no_offline_row_is_sampled():
-    online = buffers.from_arrays({"x": np.arange(16, dtype=np.float32)})
-    offline = buffers.from_arrays({"x": np.arange(100, 164, dtype=np.float32)})
-    for seed in range(5):
-        batch = wsrl.sample_batch(jax.random.PRNGKey(seed), online, offline, wsrl.Args(batch_size=64, offline_ratio=0.0))
-        assert batch["x"].shape == (64,) and (np.asarray(batch["x"]) < 16).all()
-
-
-def test_actor_loss_takes_the_min_over_all_critics():
-    num_qs, rows = 5, 4
-    table = jax.random.normal(jax.random.PRNGKey(2), (num_qs, rows))
-    log_probs = jnp.array([-1.0, 0.5, 2.0, -0.3])
-    config = wsrl.Config(actor=NoActor(), critic=TableCritic(table),
-                         sample_tanh_normal=lambda key, mean, log_std, num: (jnp.zeros((rows, 2)), log_probs),
-                         num_qs=num_qs, num_min_qs=2, max_target_backup=False, n_actions=1, discount=0.9, tau=0.005,
-                         target_entropy=-2.0, idle_optimizer_steps=True)
-    loss, _ = wsrl.actor_loss(None, jax.random.PRNGKey(0), {"observations": jnp.zeros((rows, 6))}, None, 0.3, config)
-    np.testing.assert_allclose(loss, (0.3 * log_probs - table.min(0)).mean(), rtol=1e-6)
-
-
-def test_warmup_steps_take_no_gradient_step_and_act_with_the_pretrained_policy(pretrained_run):
-    """A warmup call (train=False) leaves every network and optimizer as it was, and its action is
-    a sample of the pre-trained actor's tanh-Gaussian with the agent's next key."""
-    pretrained = wsrl.read_pretrained(pretrained_run)
-    args = wsrl.apply_preset(wsrl.Args(batch_size=64), "pointmaze")
-    config = wsrl.make_config(args, pretrained)
-    agent = wsrl.fine_tuning_agent(wsrl.restore_pretrained(pretrained_run, pretrained), args)
-    pre_agent, pre_config, _ = calql.load_agent(pretrained_run)
-    observation = jnp.asarray(np.random.default_rng(0).normal(size=pretrained.record["observation_dim"]), jnp.float32)
-    transition = {"observations": observation, "actions": jnp.zeros(pretrained.record["action_dim"]),
-                  "rewards": jnp.float32(0.0), "next_observations": observation, "masks": jnp.float32(1.0)}
-    online = buffers.empty_like(transition, 100)
-    before = jax.device_get(agent)
-    action_key = jax.random.split(agent.key)[1]
-    expected, _ = calql.sample_tanh_normal(action_key, *pre_config.actor.apply({"params": pre_agent.actor.params},
-                                                                                observation))
-    after, _, action, info = wsrl.make_online_step(args, config)(agent, online, None, transition, observation, False)
-    assert info == {}
-    for name in ("actor", "critic", "temperature"):
-        for a, b in zip(jax.tree_util.tree_leaves((getattr(before, name).params, getattr(before, name).opt_state)),
-                        jax.tree_util.tree_leaves((getattr(after, name).params, getattr(after, name).opt_state))):
-            np.testing.assert_array_equal(a, b)
-    np.testing.assert_allclose(np.asarray(action), np.asarray(expected), rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("idle", [True, False])
-def test_the_actor_moves_during_critic_steps_only_with_idle_optimizer_steps(pretrained_run, idle):
-    pretrained = wsrl.read_pretrained(pretrained_run)
-    args = wsrl.apply_preset(wsrl.Args(idle_optimizer_steps=idle, batch_size=64), "pointmaze")
-    agent = wsrl.fine_tuning_agent(wsrl.restore_pretrained(pretrained_run, pretrained), args)
-    config = wsrl.make_config(args, pretrained)
-    rows = 64
-    batch = {"observations": jax.random.normal(jax.random.PRNGKey(0), (rows, 6)),
-             "actions": jax.random.uniform(jax.random.PRNGKey(1), (rows, 2), minval=-1, maxval=1),
-             "rewards": jnp.ones(rows), "next_observations": jax.random.normal(jax.random.PRNGKey(2), (rows, 6)),
-             "masks": jnp.ones(rows)}
+def test_the_actor_moves_during_critic_steps_only_with_idle_optimizer_steps(idle):
+    args, config, agent = fresh(idle_optimizer_steps=idle)
+    batch = random_batch()
+    agent, _ = jax.jit(lambda agent: wsrl.pretraining_update(agent, batch, config))(agent)  # non-zero Adam moments
     after, _ = jax.jit(lambda agent: wsrl.update_critic(agent, batch, config))(agent)
     moved = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), agent.actor.params, after.actor.params)
-    # the pre-trained actor's Adam moments are non-zero, so a zero-gradient step still moves it
     assert any(jax.tree_util.tree_leaves(moved)) == idle
     assert int(after.actor.step) == int(agent.actor.step) + int(idle)
 
 
-def test_fine_tuning_starts_from_the_whole_pretrained_state(pretrained_run):
-    pre_agent, _, _ = calql.load_agent(pretrained_run)
-    agent = wsrl.fine_tuning_agent(wsrl.restore_pretrained(pretrained_run, wsrl.read_pretrained(pretrained_run)),
-                                   wsrl.Args())
-    for name in ("actor", "critic", "temperature"):  # parameters, Adam moments and step counts
-        expected, restored = getattr(pre_agent, name), getattr(agent, name)
-        assert int(restored.step) == int(expected.step) > 0
-        for a, b in zip(jax.tree_util.tree_leaves((expected.params, expected.opt_state)),
-                        jax.tree_util.tree_leaves((restored.params, restored.opt_state))):
-            np.testing.assert_array_equal(a, b)
-    for a, b in zip(jax.tree_util.tree_leaves(pre_agent.target_critic_params),
-                    jax.tree_util.tree_leaves(agent.target_critic_params)):
-        np.testing.assert_array_equal(a, b)
+# ---------------------------------------------------------------------------------------------
+# Runs
 
 
-def test_fine_tuning_runs_from_a_pretrained_run(pretrained_run, tmp_path):
-    run_dir = wsrl.main(tyro.cli(wsrl.Args, args=["--pretrained", pretrained_run, *FINE_TUNE,
-                                                  "--log-dir", str(tmp_path)]))
-    evaluations = scores(run_dir)
-    assert [record["step"] for record in evaluations] == [0, 350, 700]
-    with open(f"{run_dir}/config.json") as file:
-        config = json.load(file)
-    assert config["pretrained_algorithm"] == "calql" and config["max_target_backup"] is False
+@pytest.fixture(scope="module")
+def reference_run(tiny_pointmaze, tmp_path_factory) -> str:
+    """An uninterrupted tiny run: 200 pre-training updates, then 700 online steps."""
+    log_dir = tmp_path_factory.mktemp("reference")
+    return wsrl.main(tyro.cli(wsrl.Args, args=["--env", tiny_pointmaze, *TINY, "--log-dir", str(log_dir)]))
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(pretrained_run, tmp_path):
-    flags = ["--pretrained", pretrained_run, *FINE_TUNE, "--checkpoint-every", "100"]
-    reference = wsrl.main(tyro.cli(wsrl.Args, args=[*flags, "--log-dir", str(tmp_path / "full")]))
-    killed = kill_after_checkpoint("wsrl.py", flags, tmp_path / "killed",
-                                   ready=lambda payload: 0 < payload["progress"]["online_step"] < 700)
+def test_one_run_pretrains_then_fine_tunes(reference_run):
+    evaluations = scores(reference_run)
+    assert [(record["phase"], record["step"]) for record in evaluations] == [
+        ("offline", 0), ("offline", 200), ("online", 550), ("online", 900)]
+    assert os.path.isfile(os.path.join(reference_run, wsrl.PRETRAINED_FILE))
+
+
+def test_the_same_seed_gives_the_same_evaluations(reference_run, tiny_pointmaze, tmp_path):
+    again = wsrl.main(tyro.cli(wsrl.Args, args=["--env", tiny_pointmaze, *TINY, "--log-dir", str(tmp_path)]))
+    assert scores(again) == scores(reference_run)
+
+
+@pytest.mark.parametrize("phase, ready", [
+    ("pre-training", lambda payload: 0 < payload["progress"]["offline_step"] < 200),
+    ("fine-tuning", lambda payload: payload["progress"]["online_step"] > 0),
+])
+def test_resume_after_sigkill_matches_uninterrupted_run(phase, ready, reference_run, tiny_pointmaze, tmp_path):
+    killed = kill_after_checkpoint("wsrl.py", ["--env", tiny_pointmaze, *TINY], tmp_path, ready=ready)
     resumed = wsrl.main(tyro.cli(wsrl.Args, args=["--resume", str(killed)]))
-    assert scores(resumed) == scores(reference)
+    assert scores(resumed) == scores(reference_run)
+
+
+def test_pretrained_fine_tunes_the_whole_pretrained_state(reference_run, tmp_path):
+    args = wsrl.read_pretrained(reference_run, wsrl.Args(seed=3))
+    config = wsrl.make_config(args, ACTION_DIM)
+    template = wsrl.create_agent(args, config, OBSERVATION_DIM, ACTION_DIM)
+    pre_agent = wsrl.load_pretrained_agent(reference_run, template)
+    agent = wsrl.fine_tuning_agent(pre_agent, args)
+    assert int(agent.actor.step) == 200
+    for a, b in zip(jax.tree_util.tree_leaves((pre_agent.actor, pre_agent.critic, pre_agent.temperature,
+                                               pre_agent.target_critic_params)),
+                    jax.tree_util.tree_leaves((agent.actor, agent.critic, agent.temperature,
+                                               agent.target_critic_params))):
+        np.testing.assert_array_equal(a, b)  # parameters, Adam moments, step counts, targets
+    run_dir = wsrl.main(tyro.cli(wsrl.Args, args=["--pretrained", reference_run, "--seed", "3", "--online-steps", "300",
+                                                  "--warmup-steps", "100", "--batch-size", "64", "--eval-every",
+                                                  "300", "--eval-episodes", "2", "--progress", "False",
+                                                  "--log-dir", str(tmp_path)]))
+    assert [record["step"] for record in scores(run_dir)] == [200, 500]
+    with open(os.path.join(run_dir, "config.json")) as file:
+        config = json.load(file)
+    assert config["pretrained"] == reference_run and config["ensemble_size"] == 4 and config["seed"] == 3
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--pretrain", "False"], "pass --pretrained RUN_DIR"),
     (["--pretrained", "/nonexistent/run"], "no such folder"),
     (["--utd", "3"], "must split into --utd 3"),
     (["--offline-ratio", "1.5"], "--offline-ratio must lie in [0, 1]"),
+    (["--offline-steps", "0"], "--offline-steps must be >= 1"),
 ])
 def test_bad_input_ends_in_one_message(flags, message, tmp_path):
     result = run_script("wsrl.py", *flags, "--log-dir", str(tmp_path), timeout=60)
@@ -199,18 +342,32 @@ def test_bad_input_ends_in_one_message(flags, message, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing was started
 
 
-def test_a_run_of_another_algorithm_is_refused(pretrained_run, tmp_path):
-    config_path = f"{pretrained_run}/config.json"
-    other = tmp_path / "iql_run"
-    other.mkdir()
-    with open(config_path) as file:
+def write_config(folder, record) -> str:
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(record))
+    return str(folder)
+
+
+def test_pretrained_takes_only_a_finished_wsrl_pretraining(reference_run, tmp_path):
+    with open(os.path.join(reference_run, "config.json")) as file:
         record = json.load(file)
-    (other / "config.json").write_text(json.dumps({**record, "algorithm": "iql"}))
-    result = run_script("wsrl.py", "--pretrained", str(other), "--log-dir", str(tmp_path / "runs"), timeout=60)
-    assert result.returncode == 2 and "WSRL fine-tunes calql or cql runs" in result.stderr
+    calql_run = write_config(tmp_path / "calql_run", {**record, "algorithm": "calql"})
+    unfinished = write_config(tmp_path / "unfinished", record)
+    for folder, message in ((calql_run, "calql.py and cql.py runs are not WSRL's pre-training"),
+                            (unfinished, "its pre-training has not finished")):
+        result = run_script("wsrl.py", "--pretrained", folder, "--log-dir", str(tmp_path / "runs"), timeout=60)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
-MARGIN = 20.0  # normalized-score points, below the smallest gain measured over seeds 0-2 (31)
+def test_an_older_wsrl_run_folder_gets_one_message(reference_run, tmp_path):
+    with open(os.path.join(reference_run, "config.json")) as file:
+        record = json.load(file)
+    old = write_config(tmp_path / "old", {**record, "pretrained_algorithm": "calql"})
+    result = run_script("wsrl.py", "--resume", old, timeout=60)
+    assert result.returncode == 2 and "older wsrl.py" in result.stderr and "Traceback" not in result.stderr
+
+
+MARGIN = 20.0  # normalized-score points, below the smallest gain measured over seeds 0-2
 
 
 @pytest.mark.slow
@@ -218,17 +375,14 @@ MARGIN = 20.0  # normalized-score points, below the smallest gain measured over 
 def test_fine_tuning_improves_a_briefly_pretrained_policy(seed, tmp_path):
     """The default PointMaze dataset, built fresh as on a first run; a short WSRL pre-training
     (1000 Cal-QL updates, 10 critics) leaves a policy that rarely reaches the goal; 4000 online
-    steps (1000 of warmup) of WSRL fine-tuning raise its normalized score by more than MARGIN.
-    Measured (README, WSRL; seeds 0, 1, 2): -11.1 -> 62.2, -5.1 -> 26.0, 0.4 -> 50.8, gains of
-    73, 31 and 51 points (success 0.0 -> 1.0, 0.0 -> 0.4, 0.2 -> 0.8). 9 to 16 minutes per seed
-    on a shared 2-core CPU."""
+    steps (1000 of warmup) of WSRL fine-tuning raise its normalized score by more than MARGIN."""
     env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path / "datasets")}
-    result = run_script("wsrl.py", "--pretrain-steps", "1000", "--online-steps", "4000", "--warmup-steps", "1000",
+    result = run_script("wsrl.py", "--offline-steps", "1000", "--online-steps", "4000", "--warmup-steps", "1000",
                         "--eval-every", "2000", "--eval-episodes", "5", "--seed", str(seed), "--progress", "False",
                         "--log-dir", str(tmp_path / "runs"), timeout=3600, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    run_dir = next(path for path in (tmp_path / "runs").iterdir() if path.name.startswith("wsrl__"))
+    (run_dir,) = (tmp_path / "runs").iterdir()
     evaluations = scores(run_dir)
-    assert [record["step"] for record in evaluations] == [0, 2000, 4000]
-    start, end = evaluations[0]["normalized_score"], evaluations[-1]["normalized_score"]
+    assert [record["step"] for record in evaluations] == [0, 1000, 3000, 5000]
+    start, end = evaluations[1]["normalized_score"], evaluations[-1]["normalized_score"]
     assert end - start > MARGIN, (start, end)

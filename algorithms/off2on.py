@@ -1,65 +1,48 @@
 """Off2On: balanced replay over a pessimistic Q-ensemble, offline pre-training then fine-tuning.
 
 Lee, Seo, Lee, Abbeel, Shin. "Offline-to-Online Reinforcement Learning via Balanced Replay and
-Pessimistic Q-Ensemble", CoRL 2021, https://arxiv.org/abs/2107.00591. Follows the official
-code, shlee94/Off2OnRL (commit 6f298fa): `rlkit/examples/ours.py` (networks, buffers, settings,
-the loading of N CQL agents), `rlkit/rlkit/torch/sac/ours.py` (`OursTrainer`: the losses, the
-density-ratio loss, the priorities), `rlkit/rlkit/core/batch_rl_algorithm.py` (`OurRLAlgorithm`:
-the epoch loop, the three batches, the initial maximum priority),
-`rlkit/rlkit/data_management/prioritized_replay_buffer.py` (sum tree, stratified sampling) and
-`README.md` (the command: --first_epoch_multiplier 5 --init_online_fraction 0.75). The page
-docs/algorithms/off2on.md has the presets' sources, the measurements and the investigations.
+Pessimistic Q-Ensemble", CoRL 2021, https://arxiv.org/abs/2107.00591. Follows the official code,
+shlee94/Off2OnRL (commit 6f298fa): `rlkit/examples/ours.py` (networks, settings, N CQL agents),
+`rlkit/rlkit/torch/sac/ours.py` (the losses, the density ratio, the priorities),
+`rlkit/rlkit/core/batch_rl_algorithm.py` (epochs, batches, the first maximum priority),
+`rlkit/rlkit/data_management/prioritized_replay_buffer.py` (sum tree) and `README.md` (the
+command). docs/algorithms/off2on.md gives every preset's source and the measurements.
 
-1. Pre-training, in this file: N = 5 CQL agents on the offline data, all N VMAPPED in one jitted
-   update, member i from seed + 4 i (ours.py loads `./data/cql/{env}_seed{4 i + seed}`; the
-   repository ships only the trained checkpoints, so the CQL recipe is the authors' CQL code,
-   aviralkumar2907/CQL `rlkit/torch/sac/cql.py` with the README's MuJoCo command: CQL(H) with
-   the importance-sampled log-sum-exp over 10 random, 10 policy and 10 next-policy actions,
-   alpha 5, no entropy in the target, 40k behaviour-cloning updates, actor lr 1e-4, critic lr
-   3e-4, SAC temperature; AntMaze: `cql_antmaze_new.py`'s Lagrange form alpha' (alpha gap - 5)
-   and rewards 4 (r - 0.5)). The members' pre-trained actors and critics are saved in the run
-   folder (`pretrained.msgpack`); `--pretrained RUN_DIR` fine-tunes them in a new run.
-2. Fine-tuning: plain SAC on the ensemble (`ours.py`), no CQL term. The policy is the members'
-   pre-tanh Gaussians moment-matched (mean of the means; variance = mean of (mu^2 + sigma^2) -
-   mean^2; std clipped to [e^-20, e^2]); it acts, enters every loss and passes gradients to all
-   N actors; evaluation uses tanh(mean). Critic i regresses its twins on r + gamma mask
-   (min(tQ1_i, tQ2_i)(s', a') - alpha log pi(a'|s')), one a' ~ pi(s') for all members, losses
-   summed over members and twins; actor loss alpha log pi - mean over members of min(Q1_i, Q2_i);
-   alpha reset to 1, target entropy -|A|; every loss from the pre-update parameters; lr 3e-4
-   (fresh Adam states), tau 5e-3, gamma 0.99, batch 256.
-3. Balanced replay: one prioritized buffer (a sum tree, `common/priorities.py`, inside the jitted
-   update) over the offline rows (priority 1) and every online row; fresh online rows get the
-   running maximum priority, which starts at M f / ((1 - f) 1000) (M offline rows, f 0.75). A
-   density-ratio network w(s, a) (rlkit ConcatMlp 2x256, ReLU output, last bias 1) learns on 256
-   uniform offline rows and 256 uniform rows of the newest 250k online rows, loss
-       mean[-log(2 / (w_off + 1) + 1e-10)] - mean[log(2 w_on / (w_on + 1) + 1e-10)];
-   the 256 RL rows get priority clip(w^(1/T) / (mean of w_off^(1/T) + 1e-10), 1e-3, 1e3), T 5.
-4. Schedule: epochs of 1000 environment steps, each starting new episodes (rlkit's path
-   collector), then `--utd` x 1000 updates (the first epoch 5 times as many); evaluations of the
-   pre-trained policy and every `--eval-every` steps.
+1. Pre-training, here: N = 5 CQL agents, member i from seed + 4 i, all N vmapped in one jitted
+   update. The repository ships only trained checkpoints, so the recipe is the CQL authors' code
+   (aviralkumar2907/CQL `rlkit/torch/sac/cql.py`, README commands): CQL(H), importance-sampled
+   log-sum-exp over 10 random, policy and next-policy actions, alpha 5, no entropy in the target,
+   40k behaviour-cloning updates, actor lr 1e-4; AntMaze: Lagrange alpha' (alpha gap - 5), rewards
+   4 (r - 0.5). The members are saved at the phase switch (`pretrained.msgpack`) for `--pretrained`.
+2. Fine-tuning (`ours.py`): SAC on the ensemble, no CQL term. Policy: the members' pre-tanh
+   Gaussians moment-matched, std clipped to [e^-20, e^2]; evaluation tanh(mean). Critic i's target
+   r + gamma mask (min of its target twins at (s', a') - alpha log pi(a'|s')), one a' for all;
+   losses summed over members and twins; actor loss alpha log pi - mean over members of the twin
+   min; alpha reset to 1; every loss from the pre-update parameters; lr 3e-4, tau 5e-3, batch 256.
+3. Balanced replay: a sum tree over offline (priority 1) and online rows, fresh online rows at the
+   running maximum (from M f / ((1 - f) 1000), f 0.75). The density ratio w(s, a) (rlkit ConcatMlp,
+   ReLU output, last bias 1) learns on 256 offline and 256 of the newest 250k online rows, loss
+   mean[-log(2 / (w_off + 1) + 1e-10)] - mean[log(2 w_on / (w_on + 1) + 1e-10)]; sampled rows get
+   clip(w^(1/T) / (mean of w_off^(1/T) + 1e-10), 1e-3, 1e3), T 5.
+4. Epochs of 1000 environment steps (new episodes each), then utd x 1000 updates (first epoch x 5).
 
 Deviations (named, not hidden):
-  * Members are JaxCQL-style networks (orthogonal init; log-std = learned multiplier x head +
-    offset, clipped to [-20, 2]), not rlkit's fan-in TanhGaussianPolicy / Mlp; the official
-    checkpoints come from an unpublished pre-training run.
-  * Policy learning rate 3e-4 on every task: the README's halfcheetah-medium command (and the
-    code default); the paper picks it per task from a set whose choices are not published.
-  * Evaluation: `--eval-episodes` (5) whole episodes. The official collector takes 5000 steps of
-    episodes and averages the complete ones: 5 on halfcheetah, more where episodes end early
-    (hopper, walker2d).
-  * The paper's 3-layer CQL agents on halfcheetah-medium-expert (Appendix D.1) are the
-    TASK_PRESETS row; the density network stays 2x256 (the paper names the CQL agents only).
+  * Members are JaxCQL-style networks (orthogonal init, log-std = learned multiplier x head +
+    offset in [-20, 2]), not rlkit's fan-in TanhGaussianPolicy / Mlp.
+  * Policy lr 3e-4 on every task (README command, code default); the paper picks it per task
+    from a set, the choices unpublished. Set it with --actor-lr.
+  * Evaluation: --eval-episodes (5) whole episodes; the official collector averages the complete
+    episodes of 5000 steps, more than 5 where episodes end early (hopper, walker2d).
+  * halfcheetah-medium-expert: 3x256 CQL agents (Appendix D.1; TASK_PRESETS), density net 2x256.
   * Offline rows keep their own next observations (the official loader pairs obs[i] with
-    obs[i + 1] and drops timeout rows); the RL buffer never overwrites; the moment-matched
-    variance is floored at e^-40 before the square root (no NaN gradient).
-  * PointMaze (ours, the no-argument run): 2x64 networks, 5k pre-training updates (1k BC),
-    10 epochs, rewards x 20 to locomotion's scale (on raw rewards the CQL critics sit far below
-    every true value and fine-tuning loses the pre-trained policy; docs page).
+    obs[i + 1], dropping timeouts); the RL buffer never overwrites; the moment-matched variance is
+    floored at e^-40 (no NaN gradient).
+  * PointMaze (ours, the no-argument run): 2x64, 5k pre-training updates, 10 epochs, rewards x 20.
 
 Usage:
   python algorithms/off2on.py                                  # local PointMaze: pre-train 5 CQL agents, fine-tune
   python algorithms/off2on.py --env halfcheetah-medium         # 5 x 1M CQL updates, then 250 epochs
-  python algorithms/off2on.py --env halfcheetah-medium --pretrained runs/off2on__... --seed 1   # reuse a pre-training
+  python algorithms/off2on.py --env halfcheetah-medium --pretrained runs/off2on__... --seed 1   # reuse its pre-training
   python algorithms/off2on.py --resume runs/off2on__...        # continue a stopped run
 """
 
@@ -524,33 +507,11 @@ class Replay(struct.PyTreeNode):
     tree: priorities.SumTree
 
 
-_TREEDEFS: dict[Any, Any] = {}
-
-
-def canonical(tree, key):
-    """`tree` in the structure first seen for `key` in this process. A TrainState's optimizer and
-    apply function are static parts of its structure, created anew by every run, and a new
-    structure means a new compilation; `key` names everything they depend on (modules and
-    learning rates), so runs in one process (tests, sweeps) reuse one another's compilations."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return jax.tree_util.tree_unflatten(_TREEDEFS.setdefault(key, treedef), leaves)
-
-
-def stack(trees):
-    """The trees' leaves stacked on a new leading axis, in the first tree's structure."""
-    leaves = [jax.tree_util.tree_leaves(tree) for tree in trees]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(trees[0]),
-                                        [jnp.stack(column) for column in zip(*leaves)])
-
-
-def member_seeds(args: Args) -> list[int]:
-    return [args.seed + MEMBER_SEED_STRIDE * i for i in range(args.ensemble_size)]
-
-
 def create_members(args: Args, config: Config, observation_dim: int, action_dim: int) -> Member:
-    """N CQL agents, one per member seed, every leaf stacked on axis 0."""
-    members = stack([create_member(args, config, seed, observation_dim, action_dim) for seed in member_seeds(args)])
-    return canonical(harness.strongly_typed(members),
+    """N CQL agents, member i from seed + 4 i, every leaf stacked on axis 0."""
+    members = harness.stack([create_member(args, config, args.seed + MEMBER_SEED_STRIDE * i, observation_dim,
+                                           action_dim) for i in range(args.ensemble_size)])
+    return harness.canonical(harness.strongly_typed(members),
                      ("members", config, args.pretrain_actor_lr, args.pretrain_critic_lr))
 
 
@@ -569,7 +530,7 @@ def fine_tuning_agent(actor_params, critic_params, args: Args, config: Config, o
                                 params=config.density.init(density_key, observations, actions)["params"],
                                 tx=optax.adam(args.density_lr))
     agent = Agent(actor, critic, jax.tree_util.tree_map(jnp.copy, critic_params), temperature, density, key)
-    return canonical(harness.strongly_typed(agent),
+    return harness.canonical(harness.strongly_typed(agent),
                      ("agent", config, args.actor_lr, args.critic_lr, args.temp_lr, args.density_lr))
 
 

@@ -238,6 +238,26 @@ def strongly_typed(tree):
     return jax.tree_util.tree_map(lambda leaf: jax.numpy.asarray(leaf, jax.numpy.result_type(leaf)), tree)
 
 
+def stack(trees):
+    """The trees' leaves stacked on a new leading axis (an ensemble of agents as one pytree), in
+    the first tree's structure (the optimizers of separately created TrainStates differ)."""
+    columns = zip(*[jax.tree_util.tree_leaves(tree) for tree in trees])
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(trees[0]),
+                                        [jax.numpy.stack(column) for column in columns])
+
+
+_TREEDEFS: dict[Any, Any] = {}
+
+
+def canonical(tree, key):
+    """`tree` in the structure first seen for `key` in this process. A TrainState's optimizer and
+    apply function are static parts of its structure, created anew by every run, and a new
+    structure means a new compilation; `key` names everything they depend on (modules and
+    learning rates), so runs in one process (tests, sweeps) reuse one another's compilations."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return jax.tree_util.tree_unflatten(_TREEDEFS.setdefault(key, treedef), leaves)
+
+
 def rng_state(rng: np.random.Generator) -> str:
     return json.dumps(rng.bit_generator.state)
 

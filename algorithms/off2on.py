@@ -696,15 +696,10 @@ def deterministic_policy(actor: Actor) -> Callable:
 
 
 RULES: list[harness.Rule] = [
-    ("ensemble_size", harness.at_least(1), "must be >= 1"),
-    ("epoch_steps", harness.at_least(1), "must be >= 1"),
-    ("first_epoch_multiplier", harness.at_least(1), "must be >= 1"),
-    ("offline_eval_every", harness.at_least(1), "must be >= 1"),
-    ("density_batch_size", harness.at_least(1), "must be >= 1"),
-    ("online_buffer_size", harness.at_least(1), "must be >= 1"),
-    ("cql_n_actions", harness.at_least(1), "must be >= 1"),
-    ("bc_steps", harness.at_least(0), "must be >= 0"),
-    ("cql_alpha", harness.at_least(0), "must be >= 0"),
+    *[(name, harness.at_least(1), "must be >= 1") for name in (
+        "ensemble_size", "epoch_steps", "first_epoch_multiplier", "offline_eval_every", "density_batch_size",
+        "online_buffer_size", "cql_n_actions")],
+    *[(name, harness.at_least(0), "must be >= 0") for name in ("bc_steps", "cql_alpha")],
     ("init_online_fraction", lambda value: 0.0 <= value < 1.0, "must lie in [0, 1)"),
     *[(name, harness.positive, "must be positive") for name in (
         "actor_lr", "critic_lr", "temp_lr", "density_lr", "init_temperature", "priority_temperature",
@@ -819,10 +814,9 @@ def make_step_functions(args: Args, config: Config, offline_size: int):
 
 def with_params(members: Member, saved: dict[str, Any]) -> Member:
     """The members with the actors and critics of a PRETRAINED_FILE."""
-    def restore(state: TrainState, name: str) -> TrainState:
-        return state.replace(params=jax.tree_util.tree_map(
-            jnp.asarray, serialization.from_state_dict(state.params, saved[name])))
-    return members.replace(actor=restore(members.actor, "actor"), critic=restore(members.critic, "critic"))
+    return members.replace(**{name: getattr(members, name).replace(params=jax.tree_util.tree_map(
+        jnp.asarray, serialization.from_state_dict(getattr(members, name).params, saved[name])))
+        for name in ("actor", "critic")})
 
 
 def start_run(args: Args) -> Run | None:

@@ -8,6 +8,7 @@ The end-to-end runs share one process, so their jitted functions compile once (`
 import dataclasses
 import json
 import os
+import tomllib
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from algorithms import off2on
 from common import checkpoint, datasets
 from common.cli import RunStopped, UserError
 from common.logger import CHECKPOINT_FILE, read_evaluations
-from tests.conftest import field_docstrings, kill_after_checkpoint, run_script, scalar_steps, scores
+from tests.conftest import REPO, field_docstrings, kill_after_checkpoint, run_script, scalar_steps, scores
 
 TINY = ["--actor-hidden-dims", "16", "16", "--critic-hidden-dims", "16", "16", "--density-hidden-dims", "16", "16",
         "--batch-size", "32", "--density-batch-size", "32", "--cql-n-actions", "2", "--bc-steps", "20",
@@ -137,6 +138,18 @@ def test_the_paper_uses_three_layer_cql_agents_on_halfcheetah_medium_expert_only
     explicit = off2on.apply_preset(off2on.Args(critic_hidden_dims=(64, 64)), "locomotion",
                                    "local/halfcheetah/ours-medium-expert-v0")
     assert explicit.critic_hidden_dims == (64, 64) and explicit.actor_hidden_dims == (256, 256, 256)
+
+
+def test_the_locomotion_table_runs_three_layer_agents_on_halfcheetah_medium_expert():
+    """benchmarks/tables/off2on-locomotion.toml passes no network flags: each row's widths are the
+    preset's for its dataset, 3x256 members on halfcheetah-medium-expert and 2x256 elsewhere."""
+    table = tomllib.loads((REPO / "benchmarks" / "tables" / "off2on-locomotion.toml").read_text())
+    widths = {}
+    for row in table["runs"]:
+        task = datasets.resolve(row["env"])
+        widths[row["paper_dataset"]] = off2on.apply_preset(off2on.Args(), task.domain, task.dataset_id).critic_hidden_dims
+    assert widths.pop("halfcheetah-medium-expert-v0") == (256, 256, 256)
+    assert widths and set(widths.values()) == {(256, 256)}
 
 
 def test_pretraining_follows_the_cql_readme_commands():

@@ -67,12 +67,17 @@ REFERENCES = {
     "cal-ql": compare.Reference("cal-ql", "nakamotoo/Cal-QL", "https://github.com/nakamotoo/Cal-QL",
                                 "ac6eafec22e8d60836573e1f488c7f626ce8a77e",
                                 ("distrax==0.1.9", "tfp-nightly==0.26.0.dev20261027", "ml-collections==1.1.0")),
+    # The repository's newest commit. learner.py and the modules it imports need only flax, optax
+    # and tensorflow-probability's JAX substrate (policy.py); tfp-nightly as for rlpd.
+    "iql": compare.Reference("iql", "ikostrikov/implicit_q_learning",
+                             "https://github.com/ikostrikov/implicit_q_learning",
+                             "09d700248117881a75cb21f0adb95c6c8a694cb2", ("tfp-nightly==0.26.0.dev20261027",)),
 }
 
 
 @dataclasses.dataclass
 class ParityArgs:
-    algorithms: tuple[Literal["rlpd", "calql", "cql"], ...] = ("rlpd", "calql", "cql")
+    algorithms: tuple[Literal["rlpd", "calql", "cql", "iql"], ...] = ("rlpd", "calql", "cql", "iql")
     """Algorithms to check, in this order."""
     keys: int = 100
     """Random keys per side for the checks made in distribution."""
@@ -94,6 +99,9 @@ class ParityArgs:
     cal_ql_source: str = REFERENCES["cal-ql"].url
     """nakamotoo/Cal-QL to clone (JaxCQL: CQL and Cal-QL)."""
     cal_ql_commit: str = REFERENCES["cal-ql"].commit
+    iql_source: str = REFERENCES["iql"].url
+    """ikostrikov/implicit_q_learning to clone."""
+    iql_commit: str = REFERENCES["iql"].commit
     json_out: str | None = None
     """Also append the JSON lines to this file."""
     dry_run: bool = False
@@ -559,6 +567,120 @@ def compare_jaxcql(algorithm: str, cases: list[dict], batch: dict, theirs: dict,
 
 
 # ---------------------------------------------------------------------------------------------
+# IQL: ikostrikov/implicit_q_learning Learner against algorithms/iql.py
+
+
+def iql_mapping(theirs: dict) -> dict:
+    """Their flat parameters in our layout. actor: the same names (MLP_0/Dense_i, the mean head
+    Dense_0, log_stds). critic (DoubleCritic: Critic_0 and Critic_1, each MLP_0/Dense_0..L with the
+    output layer inside the MLP): our VmapCritic_0/MLP_0/Dense_i for i < L and the head
+    VmapCritic_0/Dense_0 for Dense_L, stacked in the order Critic_0, Critic_1; likewise the
+    target. value (MLP_0/Dense_0..L): our MLP_0/Dense_i and the head Dense_0."""
+    mapped, critics = {}, {}
+    for path, value in theirs.items():
+        network, *rest = path.split("/")
+        if network == "actor":
+            mapped[path] = value
+        elif network == "value":
+            mapped[f"value/{dense_path(rest[1:], theirs, 'value/MLP_0', 'MLP_0')}"] = value
+        else:  # critic or target_critic: Critic_k/MLP_0/Dense_i/leaf
+            inner = dense_path(rest[2:], theirs, f"{network}/{rest[0]}/MLP_0", "MLP_0")
+            critics.setdefault(f"{network}/VmapCritic_0/{inner}", {})[rest[0]] = value
+    for path, members in critics.items():
+        mapped[path] = np.stack([members[name] for name in sorted(members)])  # Critic_0, Critic_1
+    return mapped
+
+
+def iql_cases(args: ParityArgs) -> list[dict]:
+    """AntMaze (expectile 0.9, temperature 10, constant learning rates) and locomotion (0.7, 3,
+    the actor's cosine decay, here over 5 steps so that 3 updates see it decay), 3 updates each:
+    the update order (value, actor with the new value, critic with the new value, target) and
+    the target's Polyak average act across updates. No dropout: nothing is random."""
+    shared = {"hidden_dims": [args.hidden, args.hidden], "seed": args.seed, "updates": 3, "discount": 0.99,
+              "tau": 0.005, "dropout_rate": None}
+    return [{**shared, "case": "antmaze-constant", "expectile": 0.9, "temperature": 10.0, "opt_decay_schedule": ""},
+            {**shared, "case": "locomotion-cosine", "expectile": 0.7, "temperature": 3.0,
+             "opt_decay_schedule": "cosine", "max_steps": 5}]
+
+
+def iql_our_args(case: dict):
+    from algorithms import iql
+    cosine = case["opt_decay_schedule"] == "cosine"
+    return dataclasses.replace(iql.Args(), hidden_dims=tuple(case["hidden_dims"]), dropout_rate=0.0,
+                               expectile=case["expectile"], beta=case["temperature"], discount=case["discount"],
+                               tau=case["tau"], actor_lr_schedule="cosine" if cosine else "constant",
+                               offline_steps=case.get("max_steps", 1), online_steps=0, utd=1, seed=case["seed"])
+
+
+def iql_our_params(agent) -> dict:
+    return {"actor": agent.actor.params, "critic": agent.critic.params, "value": agent.value.params,
+            "target_critic": agent.target_critic_params}
+
+
+def iql_our_side(case: dict, batch: dict, params: dict | None) -> dict:
+    """Our arrays for one case in our layout (params None: only init/, a fresh agent's)."""
+    import jax
+    import jax.numpy as jnp
+    from algorithms import iql
+
+    observation_dim, action_dim = batch["observations"].shape[-1], batch["actions"].shape[-1]
+    args = iql_our_args(case)
+    config = iql.make_config(args, action_dim)
+    agent = iql.create_agent(args, config, observation_dim, action_dim)
+    if params is None:
+        return flatten({"init": iql_our_params(agent)})
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+
+    def fresh(state, new_params):
+        return state.replace(params=new_params, opt_state=state.tx.init(new_params))
+
+    agent = agent.replace(actor=fresh(agent.actor, params["actor"]), critic=fresh(agent.critic, params["critic"]),
+                          value=fresh(agent.value, params["value"]), target_critic_params=params["target_critic"])
+    rows = {name: jnp.asarray(value) for name, value in batch.items()}
+    q = config.critic.apply({"params": agent.critic.params}, rows["observations"], rows["actions"])
+    mean, log_std = config.actor.apply({"params": agent.actor.params}, rows["observations"])
+    arrays = {"out/q1": q[0], "out/q2": q[1], "out/v": config.value.apply({"params": agent.value.params},
+                                                                            rows["observations"]),
+              "out/actor_mean": mean, "out/actor_std": jnp.exp(log_std)}
+    update = jax.jit(lambda agent: iql.update(agent, rows, config))
+    for _ in range(case["updates"]):
+        agent, info = update(agent)
+    arrays.update(flatten({"info": info, "updated": iql_our_params(agent)}))
+    return {name: np.asarray(value) for name, value in arrays.items()}
+
+
+IQL_METRICS = ("value_loss", "v", "actor_loss", "critic_loss", "q")
+
+
+def compare_iql(cases: list[dict], batch: dict, theirs: dict, z: float) -> list[Check]:
+    """Every check of every case, from the driver's arrays; all exact (nothing is random)."""
+    checks = []
+    for case in cases:
+        name = case["case"]
+        their_case = subtree(theirs, name)
+        mapped = iql_mapping(subtree(their_case, "init"))
+        fresh = subtree(iql_our_side(case, batch, None), "init")
+        checks.append(mapping_check("iql", name, "parameter mapping", mapped, fresh))
+        if not checks[-1].passed:
+            continue
+        ours = iql_our_side(case, batch, unflatten(mapped))
+        for output in ("q1", "q2", "v", "actor_mean", "actor_std"):
+            checks.append(compare_arrays("iql", name, f"{output} before the updates", their_case[f"out/{output}"],
+                                         ours[f"out/{output}"], OUTPUT_TOLERANCE))
+        their_info = subtree(their_case, "info")
+        their_info["q"] = (their_info["q1"] + their_info["q2"]) / 2
+        for metric in IQL_METRICS:
+            checks.append(compare_arrays("iql", name, f"{metric} (last of {case['updates']} updates)",
+                                         their_info[metric], ours[f"info/{metric}"], UPDATE_TOLERANCE))
+        updated = iql_mapping(subtree(their_case, "updated"))
+        for network in ("actor", "critic", "value", "target_critic"):
+            checks.append(compare_trees("iql", name, f"{network} parameters after {case['updates']} updates",
+                                        subtree(updated, network), subtree(ours, f"updated/{network}"),
+                                        UPDATE_TOLERANCE))
+    return checks
+
+
+# ---------------------------------------------------------------------------------------------
 # Running the drivers
 
 
@@ -576,7 +698,8 @@ PAIRS = {"rlpd": Pair(REFERENCES["rlpd"], "rlpd_parity.py", rlpd_cases, compare_
          "calql": Pair(REFERENCES["cal-ql"], "calql_parity.py", lambda args: jaxcql_cases(args, calibrated=True),
                        functools.partial(compare_jaxcql, "calql")),
          "cql": Pair(REFERENCES["cal-ql"], "calql_parity.py", lambda args: jaxcql_cases(args, calibrated=False),
-                     functools.partial(compare_jaxcql, "cql"))}
+                     functools.partial(compare_jaxcql, "cql")),
+         "iql": Pair(REFERENCES["iql"], "iql_parity.py", iql_cases, compare_iql)}
 
 
 def driver_command(args: ParityArgs, algorithm: str, input_path: str, output_path: str) -> list[str]:

@@ -23,9 +23,17 @@ wsrl.py runs in-process; a stopped one is resumed on its own, then fine-tuned wi
 (`command.json`); a table whose flags have changed since refuses to mix the two.
 
 Runs that a SIGTERM / SIGINT stops (the runner forwards them to its children, and a child whose
-runner dies gets a SIGTERM on Linux) write a checkpoint first. On SLURM, jobs are one job array
-(one task per run) submitted with submitit, with a time limit, `--requeue` and a USR2 signal
-ahead of the limit: the task stops its run (checkpoint) and submitit requeues it, where it resumes.
+runner dies gets a SIGTERM on Linux) write a checkpoint first, within seconds. On SLURM, jobs are
+one job array (one task per run) submitted with submitit: `--time` as HH:MM:SS (at least 5
+minutes), `--requeue`, and `--signal=USR2@90` without `B:`, so SLURM's warning 90 s before the
+limit reaches every process of the step, the training script included, which checkpoints on
+SIGUSR2 as on SIGTERM and exits 3; submitit's handler (`SlotJob.checkpoint`) waits for that exit
+and requeues the task, which resumes the slot. Pre-emption (`scontrol requeue`) is SIGTERM to the
+step: the script checkpoints, SLURM requeues. Each slot's reproduce.log says where each segment
+started and why it ended. A second `run --slurm` of a table skips the slots that still have a
+queued or running task (`submissions.jsonl` beside submitit's files, and `squeue`); sbatch
+refusals end in one `error:` line naming the flag to change. The tests on a real one-node SLURM
+(benchmarks/local_slurm.py) are `pytest -m slurm tests/test_slurm.py`; docs/slurm.md.
 
 The report reads only run folders. Per dataset: the final normalized score (the last evaluation
 of each finished run) as mean and standard error over seeds, and the interquartile mean with a
@@ -38,9 +46,11 @@ Unfinished runs are listed as such and never averaged in.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import fcntl
+import io
 import json
 import os
 import shlex
@@ -49,6 +59,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -129,6 +140,7 @@ class Table:
     reference_source: dict[str, str] | None
     runs: list[dict[str, Any]]
     path: Path
+    aggregate: dict[str, Any] | None = None  # [aggregate]: the paper's number over several tasks, where it has one
 
     @property
     def runnable(self) -> list[dict[str, Any]]:
@@ -162,7 +174,8 @@ def load_table(name: str) -> Table:
                  offline_steps=int(data["offline_steps"]), online_steps=int(data["online_steps"]),
                  flags=[str(flag) for flag in data.get("flags", [])], evaluation=data["evaluation"],
                  comparable=bool(data["comparable"]), successor_note=data.get("successor_note", "").strip(),
-                 source=data["source"], reference_source=data.get("reference_source"), runs=data["runs"], path=path)
+                 source=data["source"], reference_source=data.get("reference_source"), runs=data["runs"], path=path,
+                 aggregate=data.get("aggregate"))
 
 
 def table_problems(data: dict[str, Any]) -> list[str]:
@@ -417,9 +430,50 @@ class SlotBusy(Exception):
     pass
 
 
+STOP_REASONS = {"SIGTERM": "pre-empted or cancelled (SIGTERM: scontrol requeue, pre-emption, scancel, the runner)",
+                "SIGUSR2": "time limit (SIGUSR2, SLURM's warning before it)",
+                "SIGUSR1": "time limit (SIGUSR1, the scheduler's warning before it)",
+                "SIGINT": "interrupted (SIGINT)"}
+
+
+def log_line(task: Task, text: str) -> None:
+    """One `[reproduce]` line in the slot's reproduce.log (with the SLURM job, where there is one)."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    where = (f" [SLURM job {job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}, restart "
+             f"{os.environ.get('SLURM_RESTART_COUNT', '0')}]" if job else "")
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    with open(task.slot / LOG_FILE, "a") as log:
+        log.write(f"[reproduce] {stamp} UTC{where} {text}\n")
+
+
+def segment_start(task: Task, state: SlotState, command: list[str]) -> str:
+    if "--resume" in command:
+        run_dir = Path(command[command.index("--resume") + 1])
+        progress = read_progress(run_dir) or {}
+        step = int(progress.get("offline_step", 0)) + int(progress.get("online_step", 0))
+        return f"segment starts: resuming {run_dir.name} from its checkpoint at step {step}"
+    return "segment starts: a fresh run" + (" (fine-tuning the finished pre-training)" if "--pretrained" in command else "")
+
+
+def segment_end(task: Task, code: int) -> str:
+    """Why a segment ended, in words: the exit code, and for a stop the signal the script names."""
+    if code == 0:
+        return "segment ended: finished"
+    if code == EXIT_STOPPED:
+        tail = (task.slot / LOG_FILE).read_text()[-4000:]
+        names = [name for name in STOP_REASONS if f"stopped by {name}" in tail]
+        state = task.state()
+        reason = STOP_REASONS[max(names, key=lambda name: tail.rindex(f"stopped by {name}"))] if names else "stopped by a signal"
+        return f"segment ended: {reason}; checkpoint at step {state.step}"
+    if code < 0:
+        return f"segment ended: failure (killed by {signal.Signals(-code).name}, no checkpoint written by it)"
+    return f"segment ended: failure (exit code {code})"
+
+
 def execute(task: Task, env: dict[str, str] | None = None, on_start=None) -> int:
     """Run (or resume) one slot's script to its end, holding the slot's lock; returns its exit
-    code (0 finished, 3 stopped by a signal after its checkpoint). `on_start(process)` sees the child."""
+    code (0 finished, 3 stopped by a signal after its checkpoint). `on_start(process)` sees the
+    child. reproduce.log gets the script's output and, per segment, where it started and why it ended."""
     task.slot.mkdir(parents=True, exist_ok=True)
     lock = open(task.slot / ".lock", "w")
     try:
@@ -444,14 +498,16 @@ def execute(task: Task, env: dict[str, str] | None = None, on_start=None) -> int
                     (task.slot / ".abandoned").mkdir(exist_ok=True)
                     for run_dir in abandoned:
                         run_dir.rename(task.slot / ".abandoned" / run_dir.name)
+                    log_line(task, f"moved to .abandoned/ (no checkpoint to resume): {', '.join(d.name for d in abandoned)}")
                 (task.slot / COMMAND_FILE).write_text(json.dumps(
                     {"command": fresh_command(task.table, task.env, task.seed, task.slot)}, indent=1))
             command = task.command(state)
+            if command == previous:  # it ended well but did not move the slot on: do not loop
+                log_line(task, f"{command[1]} exited 0 without finishing this slot; stopping.")
+                return 1
+            log_line(task, segment_start(task, state, command))
             with open(task.slot / LOG_FILE, "a") as log:
-                if command == previous:  # it ended well but did not move the slot on: do not loop
-                    log.write(f"\n[reproduce] {command[1]} exited 0 without finishing this slot; stopping.\n")
-                    return 1
-                log.write(f"\n$ {shlex.join(command)}\n")
+                log.write(f"$ {shlex.join(command)}\n")
                 log.flush()
                 process = subprocess.Popen([sys.executable, *command[1:]], cwd=REPO, stdout=log,
                                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
@@ -460,6 +516,7 @@ def execute(task: Task, env: dict[str, str] | None = None, on_start=None) -> int
                 if on_start is not None:
                     on_start(process)
                 code = process.wait()
+            log_line(task, segment_end(task, code))
             if code != 0:
                 return code
             previous = command
@@ -570,10 +627,22 @@ def _submitit():
     return submitit
 
 
+WARNING_SECONDS = 90  # SLURM's USR2 this long before the time limit (submitit's default signal delay)
+CHECKPOINT_WAIT_SECONDS = 75  # what the warning leaves for the run's checkpoint, before submitit requeues
+MIN_TIME_MINUTES = 5  # a time limit must leave room for start-up, some training, the warning and the checkpoint
+SUBMISSIONS_FILE = "submissions.jsonl"  # in the table's slurm folder: job id -> the slot of each array task
+
+
 class SlotJob:
-    """One run as a submitit job. On the USR2 that SLURM sends ahead of the time limit (or on
-    pre-emption), submitit calls `checkpoint`: the run gets SIGTERM, writes its checkpoint, and the
-    job is requeued with this same object, which resumes the slot."""
+    """One run as a submitit job.
+
+    SLURM's warning ahead of the time limit is `--signal=USR2@90` without `B:`: SLURM sends SIGUSR2
+    to every process of the job step, so the training script gets it directly (it stops like on
+    SIGTERM: checkpoint within seconds, exit code 3), and so does submitit's process, which calls
+    `checkpoint` here: it forwards SIGUSR2 to the script (for a signal sent to submitit alone),
+    waits for the script's own exit, and returns this job for submitit to requeue; the requeued
+    task resumes the slot. Pre-emption (`scontrol requeue`, a higher-priority job) is SIGTERM to
+    every process of the step: the script checkpoints and exits 3, SLURM requeues the task."""
 
     def __init__(self, task: Task):
         self.task = task
@@ -589,31 +658,126 @@ class SlotJob:
         return "finished"
 
     def checkpoint(self, *args, **kwargs):
+        """Runs inside submitit's signal handler, while `execute` is blocked in the child's wait
+        (which holds Popen's wait lock: `poll` would call a dead child running), so the child is
+        watched with waitid(WNOWAIT), which reads its exit without reaping it."""
         process = self._process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=80)  # inside submitit's default 90 s signal delay
-            except subprocess.TimeoutExpired:
-                pass
+        if process is not None:
+            code = wait_for_exit(process, timeout=0)
+            if code is None:
+                process.send_signal(signal.SIGUSR2)
+                code = wait_for_exit(process, timeout=CHECKPOINT_WAIT_SECONDS)
+            if code is None:
+                log_line(self.task, f"segment ended: time limit; the run did not exit within "
+                                    f"{CHECKPOINT_WAIT_SECONDS} s of SIGUSR2; requeued from its last checkpoint")
+            elif code == EXIT_STOPPED:
+                log_line(self.task, f"segment ended: {STOP_REASONS['SIGUSR2']}; checkpoint at step "
+                                    f"{self.task.state().step}; requeued")
+            else:
+                log_line(self.task, f"segment ended: {segment_end(self.task, code).split(': ', 1)[1]} during the "
+                                    f"time-limit warning; requeued")
         return _submitit().helpers.DelayedSubmission(SlotJob(self.task))
 
     def __getstate__(self):
         return {"task": self.task, "_process": None}
 
 
+def wait_for_exit(process: subprocess.Popen, timeout: float) -> int | None:
+    """The exit code of a child once it has exited (negative: killed by that signal), None if it
+    is still running after `timeout` seconds. The child is left unreaped (WNOWAIT)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # reaped already: its code is Popen's
+            return process.returncode
+        if result is not None and result.si_pid == process.pid:
+            return result.si_status if result.si_code == os.CLD_EXITED else -result.si_status
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
+def slurm_time(minutes: int) -> str:
+    """SLURM's `--time` as HH:MM:SS (a bare number would be read as minutes; 0 is unlimited)."""
+    return f"{minutes // 60:02d}:{minutes % 60:02d}:00"
+
+
+def time_limit_minutes(hours: float) -> int:
+    minutes = round(hours * 60)
+    if not minutes >= MIN_TIME_MINUTES:
+        raise ReproduceError(f"--time-hours {hours:g} is under {MIN_TIME_MINUTES} minutes: a task needs time to start, "
+                             f"train, and checkpoint on the warning {WARNING_SECONDS} s before its limit "
+                             f"(e.g. --time-hours {MIN_TIME_MINUTES / 60:.2f}).")
+    return minutes
+
+
+def live_tasks(folder: Path) -> dict[Path, str]:
+    """Slots of this table folder with a SLURM task still queued or running: slot -> task id, from
+    the submissions recorded beside submitit's files and what `squeue` says of them."""
+    path = folder / SUBMISSIONS_FILE
+    if not path.is_file() or shutil.which("squeue") is None:
+        return {}
+    live = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        result = subprocess.run(["squeue", "-h", "-r", "-j", record["job_id"], "-o", "%i %T"],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            continue  # a job SLURM no longer knows
+        for task_id, task_state in (row.split() for row in result.stdout.splitlines() if row.strip()):
+            index = task_id.rsplit("_", 1)[-1]
+            if index.isdigit() and int(index) < len(record["slots"]) and task_state not in (
+                    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+                    "BOOT_FAIL", "DEADLINE"):
+                live[Path(record["slots"][int(index)])] = task_id
+    return live
+
+
+def sbatch_problem(message: str, partition: str | None, gpus_per_run: int) -> str:
+    """sbatch's refusal as one sentence naming the flag to change."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    said = "; ".join(line.removeprefix("sbatch: error: ") for line in lines[-2:]) or "no message"
+    lowered = message.lower()
+    if "invalid partition" in lowered:
+        listing = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True) \
+            if shutil.which("sinfo") else None
+        known = ", ".join(name.strip().rstrip("*") for name in listing.stdout.split()) if listing and listing.returncode == 0 else ""
+        return (f"SLURM refused the job array ({said}): --partition {partition or '(the default)'} is not a partition here"
+                + (f"; sinfo lists: {known}." if known else "."))
+    if gpus_per_run and ("gres" in lowered or "gpu" in lowered):
+        return (f"SLURM refused the job array ({said}): this cluster has no GPUs to give (or not on this partition). "
+                f"Use --gpus-per-run 0 to run on CPUs, or --partition with GPU nodes.")
+    if "memory" in lowered:
+        return f"SLURM refused the job array ({said}): lower --mem-gb."
+    if "cpu" in lowered or "node configuration" in lowered:
+        return f"SLURM refused the job array ({said}): lower --cpus-per-run (or --gpus-per-run)."
+    if "time limit" in lowered:
+        return f"SLURM refused the job array ({said}): lower --time-hours to the partition's limit."
+    return f"SLURM refused the job array ({said}); change the flag it names."
+
+
 def submit(tasks: list[Task], folder: Path, cluster: str = "slurm", partition: str | None = None,
            gpus_per_run: int = 1, cpus_per_run: int = 4, time_minutes: int = 24 * 60, max_parallel: int = 256,
-           max_requeues: int = 20, mem_gb: int | None = None) -> list:
-    """Submit the unfinished tasks as one job array; returns the submitit jobs."""
+           max_requeues: int = 20, mem_gb: int | None = None, out=sys.stdout) -> list:
+    """Submit the unfinished tasks that have no queued or running task yet, as one job array;
+    returns the submitit jobs."""
     submitit = _submitit()
     todo = [task for task in tasks if task.state().status != "done"]
+    live = live_tasks(folder) if cluster == "slurm" else {}
+    queued = [task for task in todo if task.slot.absolute() in live]
+    if queued:
+        print(f"refused: {len(queued)} of this table's unfinished runs already have a queued or running SLURM task "
+              f"(not submitted again): " + ", ".join(f"{task.env} seed {task.seed} (task {live[task.slot.absolute()]})"
+                                                     for task in queued), file=out)
+    todo = [task for task in todo if task not in queued]
     if not todo:
         return []
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster, slurm_max_num_timeout=max_requeues)
     parameters = dict(timeout_min=time_minutes, cpus_per_task=cpus_per_run, name=f"reproduce-{todo[0].table.name}")
     if cluster == "slurm":
-        parameters.update(slurm_array_parallelism=max_parallel, slurm_additional_parameters={"requeue": True})
+        parameters.update(slurm_array_parallelism=max_parallel, slurm_signal_delay_s=WARNING_SECONDS,
+                          slurm_additional_parameters={"requeue": True, "time": slurm_time(time_minutes)})
         if gpus_per_run:
             parameters["gpus_per_node"] = gpus_per_run
         if partition:
@@ -622,8 +786,19 @@ def submit(tasks: list[Task], folder: Path, cluster: str = "slurm", partition: s
             parameters["mem_gb"] = mem_gb
         parameters["slurm_setup"] = [f"cd {shlex.quote(str(REPO))}"]
     executor.update_parameters(**parameters)
-    with executor.batch():
-        jobs = [executor.submit(SlotJob(task)) for task in todo]
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):  # submitit echoes sbatch's stderr; it goes in the one message
+            with executor.batch():
+                jobs = [executor.submit(SlotJob(task)) for task in todo]
+    except Exception as error:  # sbatch's refusal (submitit's FailedJobError) or submitit's own
+        if cluster == "slurm":
+            raise ReproduceError(sbatch_problem(f"{said.getvalue()}\n{error}", partition, gpus_per_run)) from None
+        raise ReproduceError(f"submitit could not submit the runs: {error}") from None
+    if cluster == "slurm":
+        with open(folder / SUBMISSIONS_FILE, "a") as file:
+            file.write(json.dumps({"job_id": jobs[0].job_id.split("_")[0],
+                                   "slots": [str(task.slot.absolute()) for task in todo]}) + "\n")
     return jobs
 
 
@@ -725,6 +900,7 @@ def summarize(table: Table, results: list[RunResult], reps: int = 50_000) -> lis
                "success_rate": (float(np.mean([r.evaluations[-1]["success_rate"] for r in done]))
                                 if done and all("success_rate" in r.evaluations[-1] for r in done) else None),
                "published": run.get("published"), "published_offline": run.get("published_offline"),
+               "published_approx": bool(run.get("published_approx", False)),
                "published_missing": run.get("published_missing", ""),
                "reference": run.get("reference"), "reference_offline": run.get("reference_offline")}
         if len(finals):
@@ -737,19 +913,26 @@ def summarize(table: Table, results: list[RunResult], reps: int = 50_000) -> lis
         every = np.concatenate(finals_by_env)
         low, high = stratified_bootstrap_ci(finals_by_env, reps=reps)
         published = [run.get("published") for run in table.runs]
+        aggregate = table.aggregate or {}
+        if isinstance(aggregate.get("published"), (int, float)):  # the paper's own aggregate (may cover other tasks)
+            published, approx = float(aggregate["published"]), bool(aggregate.get("published_approx", False))
+        else:
+            published = float(np.mean(published)) if all(isinstance(p, (int, float)) for p in published) else None
+            approx = any(run.get("published_approx") for run in table.runs)
         rows.append({"dataset": "all (IQM over every finished run, stratified by dataset)", "paper_dataset": "",
                      "seeds_finished": len(every), "seeds_unfinished": sum(r["seeds_unfinished"] for r in rows),
                      "unfinished": "", "steps": max(r["steps"] for r in rows), "metric": rows[0]["metric"],
                      "mean": float(every.mean()), "stderr": None, "iqm": float(iqm(every)), "iqm_ci_low": low,
                      "success_rate": None,
                      "iqm_ci_high": high,
-                     "published": float(np.mean(published)) if all(isinstance(p, (int, float)) for p in published) else None,
+                     "published": published, "published_approx": approx,
                      "published_offline": None, "published_missing": "", "reference": None, "reference_offline": None})
     return rows
 
 
 CSV_FIELDS = ("dataset", "paper_dataset", "metric", "seeds_finished", "seeds_unfinished", "steps", "mean", "stderr",
-              "iqm", "iqm_ci_low", "iqm_ci_high", "success_rate", "published", "published_offline", "published_missing", "reference",
+              "iqm", "iqm_ci_low", "iqm_ci_high", "success_rate", "published", "published_approx", "published_offline",
+              "published_missing", "reference",
               "reference_offline", "unfinished")
 
 
@@ -791,6 +974,8 @@ def markdown(table: Table, rows: list[dict[str, Any]], plots: dict[str, str],
             f"not found: {row['published_missing']}" if row["published_missing"] else "")
         if row["published_offline"] is not None:
             published = f"{fmt(row['published_offline'])} → {published}"
+        if row["published_approx"] and row["published"] is not None:
+            published = f"≈ {published} (read off a figure)"
         mean = f"{fmt(row['mean'])} ± {fmt(row['stderr'])}" if row["stderr"] is not None else fmt(row["mean"])
         interval = (f"{fmt(row['iqm'])} [{fmt(row['iqm_ci_low'])}, {fmt(row['iqm_ci_high'])}]"
                     if row["iqm"] is not None else "")
@@ -810,6 +995,11 @@ def markdown(table: Table, rows: list[dict[str, Any]], plots: dict[str, str],
               "standard error over seeds; IQM = interquartile mean with a 95% percentile interval from a "
               "stratified bootstrap (50,000 resamples of seeds within each dataset). Published numbers "
               "`a → b` are offline → after online fine-tuning."]
+    if any(row["published_approx"] for row in rows):
+        lines += ["", "`≈`: a published number read by eye off a figure of the paper or its official code "
+                  "(no table prints it), so approximate; the table file names the figure."]
+    if table.aggregate and table.aggregate.get("over") and rows[-1]["dataset"].startswith("all "):
+        lines += ["", f"Published aggregate (last row): over {table.aggregate['over']}."]
     if videos:
         lines += ["", "## Videos", "", "The last evaluation episode each run recorded (--capture-video):", ""]
         lines += [f"- {result.env}, seed {result.seed} ({result.status}): [{video}]({link.replace(' ', '%20')})"
@@ -903,7 +1093,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--cpus-per-run", type=int, default=4, help="CPUs per SLURM task")
     run.add_argument("--mem-gb", type=int, default=None, help="memory per SLURM task")
     run.add_argument("--time-hours", type=float, default=24.0,
-                     help="SLURM time limit per task; a run that reaches it checkpoints and is requeued")
+                     help=f"SLURM time limit per task (at least {MIN_TIME_MINUTES} minutes; written as HH:MM:SS); "
+                          f"a run checkpoints on the warning {WARNING_SECONDS} s before it and is requeued")
     run.add_argument("--max-parallel", type=int, default=256, help="SLURM array tasks running at once")
     run.add_argument("--max-requeues", type=int, default=20, help="requeues of one task (time limits, pre-emptions)")
 
@@ -929,6 +1120,16 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds if args.seeds is not None else table.seeds
     if seeds < 1 or args.jobs < 1:
         raise ReproduceError("--seeds and --jobs must be at least 1.")
+    if args.slurm:
+        time_minutes = time_limit_minutes(args.time_hours)
+        for flag, value in (("--cpus-per-run", args.cpus_per_run), ("--max-parallel", args.max_parallel)):
+            if value < 1:
+                raise ReproduceError(f"{flag} must be at least 1, got {value}.")
+        for flag, value in (("--gpus-per-run", args.gpus_per_run), ("--max-requeues", args.max_requeues)):
+            if value < 0:
+                raise ReproduceError(f"{flag} must be >= 0, got {value}.")
+        if args.mem_gb is not None and args.mem_gb < 1:
+            raise ReproduceError(f"--mem-gb must be at least 1, got {args.mem_gb}.")
     tasks = tasks_for(table, seeds, args.root)
     for task in tasks:
         task.check_settings()
@@ -947,12 +1148,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.slurm:
         folder = Path(args.root) / table.name / "slurm"
         jobs = submit(tasks, folder, "slurm", args.partition, args.gpus_per_run, args.cpus_per_run,
-                      int(args.time_hours * 60), args.max_parallel, args.max_requeues, args.mem_gb)
-        if not jobs:
-            print("every run of this table has finished; nothing submitted.")
-        else:
+                      time_minutes, args.max_parallel, args.max_requeues, args.mem_gb)
+        if jobs:
             print(f"submitted {len(jobs)} runs as job array {jobs[0].job_id.split('_')[0]}; logs in {folder}. "
                   f"Run the same command again after a failure: finished runs are skipped.")
+        elif all(task.state().status == "done" for task in tasks):
+            print("every run of this table has finished; nothing submitted.")
+        else:
+            print("nothing submitted: every unfinished run already has a queued or running task.")
         return 0
     gpus = args.gpus.split(",") if args.gpus else detect_gpus()
     counts = run_local(tasks, args.jobs, gpus)

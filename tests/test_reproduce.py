@@ -453,10 +453,11 @@ def test_slurm_submission_is_one_requeueable_job_array_with_a_time_limit(tiny_po
     assert result.returncode == 0, result.stderr
     assert "submitted 3 runs as job array 4242" in result.stdout
     script = (tmp_path / "submitted.sh").read_text()
-    assert "#SBATCH --array=0-2%2"  # 3 unfinished runs, 2 at a time in script
-    assert "#SBATCH --time=120" in script
+    assert "#SBATCH --array=0-2%2\n" in script  # 3 unfinished runs, 2 at a time
+    assert "#SBATCH --time=02:00:00\n" in script  # HH:MM:SS (a bare number is minutes; 0 is unlimited)
     assert "#SBATCH --requeue" in script
-    assert "#SBATCH --signal=USR2@" in script  # the warning before the limit that checkpoints the run
+    # the warning before the limit, to every process of the step (no B:), so the script itself gets it
+    assert f"#SBATCH --signal=USR2@{reproduce.WARNING_SECONDS}\n" in script
     assert "#SBATCH --partition=gpu" in script and "#SBATCH --gpus-per-node=1" in script
     assert f"cd {REPO}" in script
 

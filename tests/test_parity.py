@@ -162,3 +162,59 @@ def test_dry_run_prints_setup_and_driver_command(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "git clone" in out and parity.PAIRS["rlpd"].reference.commit in out
     assert "rlpd_parity.py" in out and '"case": "deterministic-g2"' in out
+
+
+def dense(prefix: str, sizes: list[int], start: float) -> dict:
+    """Flat Dense_i/{kernel, bias} leaves of an MLP with layer widths `sizes` (input first), each
+    leaf filled with its own constant so that a leaf that lands in the wrong place shows."""
+    leaves = {}
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        leaves[f"{prefix}/Dense_{i}/kernel"] = np.full((fan_in, fan_out), start + i, np.float32)
+        leaves[f"{prefix}/Dense_{i}/bias"] = np.full((fan_out,), start + i + 0.5, np.float32)
+    return leaves
+
+
+def test_jaxcql_mapping_places_every_leaf():
+    """Cal-QL's layout (policy base_network with the mean/log-std head as its last Dense, qf1 and
+    qf2 as two networks) maps leaf for leaf onto our actor and stacked critic ensemble."""
+    from algorithms import cql
+    case = parity.jaxcql_cases(ARGS, calibrated=False)[0]
+    obs, act, hidden = ARGS.observation_dim, ARGS.action_dim, ARGS.hidden
+    theirs = {**dense("policy/params/base_network", [obs, hidden, hidden, 2 * act], 10.0),
+              "policy/params/log_std_multiplier_module/value": np.float32(1.0),
+              "policy/params/log_std_offset_module/value": np.float32(-1.0),
+              "log_alpha/params/value": np.float32(0.0), "log_alpha_prime/params/value": np.float32(1.0)}
+    for network, start in (("qf1", 20.0), ("qf2", 30.0), ("target_qf1", 40.0), ("target_qf2", 50.0)):
+        theirs.update(dense(f"{network}/params/FullyConnectedNetwork_0", [obs + act, hidden, hidden, 1], start))
+    mapped = parity.jaxcql_mapping(theirs)
+    fresh = parity.subtree(parity.jaxcql_our_side(cql, case, batch(), None), "init")
+    assert parity.mapping_check("cql", "c", "m", mapped, fresh).passed
+    assert np.all(mapped["actor/Dense_0/kernel"] == 12.0)  # their last base_network layer is our head
+    assert np.all(mapped["actor/MLP_0/Dense_1/bias"] == 11.5)
+    head = mapped["critic/VmapCritic_0/Dense_0/kernel"]
+    assert head.shape == (2, hidden, 1) and head[0, 0, 0] == 22.0 and head[1, 0, 0] == 32.0  # qf1, then qf2
+    assert mapped["target_critic/VmapCritic_0/MLP_0/Dense_0/bias"][1, 0] == 50.5
+    assert mapped["temperature/log_value"] == 0.0 and mapped["alpha_prime/log_value"] == 1.0
+
+    deeper = {**theirs, **dense("qf1/params/FullyConnectedNetwork_0", [obs + act, hidden, hidden, hidden, 1], 20.0)}
+    check = parity.mapping_check("cql", "c", "m", parity.jaxcql_mapping(deeper), fresh)
+    assert not check.passed and "critic/VmapCritic_0/MLP_0/Dense_2/kernel" in check.note
+
+
+def test_iql_mapping_places_every_leaf():
+    """implicit_q_learning's layout (DoubleCritic's Critic_0 and Critic_1 and the value net, each an
+    MLP with its output layer inside) maps onto our vmapped twin critic and value head."""
+    obs, act, hidden = ARGS.observation_dim, ARGS.action_dim, ARGS.hidden
+    theirs = {**dense("actor/MLP_0", [obs, hidden, hidden], 1.0), **dense("actor", [hidden, act], 3.0),
+              "actor/log_stds": np.zeros(act, np.float32), **dense("value/MLP_0", [obs, hidden, hidden, 1], 5.0)}
+    for network, start in (("critic", 10.0), ("target_critic", 20.0)):
+        for member in (0, 1):
+            theirs.update(dense(f"{network}/Critic_{member}/MLP_0", [obs + act, hidden, hidden, 1],
+                                start + 5 * member))
+    mapped = parity.iql_mapping(theirs)
+    fresh = parity.subtree(parity.iql_our_side(parity.iql_cases(ARGS)[0], batch(), None), "init")
+    assert parity.mapping_check("iql", "c", "m", mapped, fresh).passed
+    assert np.all(mapped["value/Dense_0/kernel"] == 7.0) and np.all(mapped["value/MLP_0/Dense_1/kernel"] == 6.0)
+    head = mapped["critic/VmapCritic_0/Dense_0/kernel"]
+    assert head[0, 0, 0] == 12.0 and head[1, 0, 0] == 17.0  # Critic_0, then Critic_1
+    assert mapped["actor/Dense_0/kernel"][0, 0] == 3.0

@@ -218,3 +218,27 @@ def test_iql_mapping_places_every_leaf():
     head = mapped["critic/VmapCritic_0/Dense_0/kernel"]
     assert head[0, 0, 0] == 12.0 and head[1, 0, 0] == 17.0  # Critic_0, then Critic_1
     assert mapped["actor/Dense_0/kernel"][0, 0] == 3.0
+
+
+def test_rlpd_mapping_places_every_leaf():
+    """rlpd's layout (Normal's OutputDenseMean / OutputDenseLogStd heads; the critic ensemble as
+    nn.vmap of StateActionValue, LayerNorm after each hidden Dense) renames onto ours."""
+    settings = case("deterministic-g1")
+    obs, act, hidden, members = ARGS.observation_dim, ARGS.action_dim, ARGS.hidden, settings["num_qs"]
+    widths = [hidden] * len(settings["hidden_dims"])
+    actor = {**dense("MLP_0", [obs, *widths], 1.0), **dense("OutputDenseMean", [hidden, act], 5.0),
+             **dense("OutputDenseLogStd", [hidden, act], 6.0)}
+    actor = {path.replace("OutputDenseMean/Dense_0", "OutputDenseMean").replace("OutputDenseLogStd/Dense_0",
+                                                                                 "OutputDenseLogStd"): value
+             for path, value in actor.items()}
+    critic = {**dense("VmapStateActionValue_0/MLP_0", [obs + act, *widths], 10.0),
+              **dense("VmapStateActionValue_0", [hidden, 1], 20.0)}
+    critic.update({f"VmapStateActionValue_0/MLP_0/LayerNorm_{i}/{leaf}": np.ones(hidden, np.float32)
+                   for i in range(len(widths)) for leaf in ("scale", "bias")})
+    critic = {path: np.broadcast_to(value, (members, *value.shape)) for path, value in critic.items()}
+    theirs = {"actor": actor, "critic": critic, "target_critic": critic, "temp": {"log_temp": np.float32(0.0)}}
+    mapped = {f"{network}/{path}": value for network, tree in theirs.items()
+              for path, value in parity.rename(tree, parity.RLPD_RENAMES[network]).items()}
+    fresh = parity.rlpd_fresh_params(settings, obs, act)
+    assert parity.mapping_check("rlpd", "c", "m", mapped, fresh).passed
+    assert mapped["actor/Dense_0/kernel"][0, 0] == 5.0 and mapped["actor/Dense_1/bias"][0] == 6.5  # mean, log-std

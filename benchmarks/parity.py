@@ -753,7 +753,7 @@ def emit(line: dict, json_out: str | None) -> None:
 
 
 def main(args: ParityArgs) -> int:
-    references = [PAIRS[name].reference for name in dict.fromkeys(args.algorithms)]
+    references = list({PAIRS[name].reference.name: PAIRS[name].reference for name in args.algorithms}.values())
     if args.dry_run:
         for reference in references:
             print(f"# setup {reference.name} (skipped when {compare.paths(args, reference)['marker']} matches)")

@@ -147,7 +147,8 @@ def test_the_locomotion_table_runs_three_layer_agents_on_halfcheetah_medium_expe
     widths = {}
     for row in table["runs"]:
         task = datasets.resolve(row["env"])
-        widths[row["paper_dataset"]] = off2on.apply_preset(off2on.Args(), task.domain, task.dataset_id).critic_hidden_dims
+        args = off2on.apply_preset(off2on.Args(), task.domain, task.dataset_id)
+        widths[row["paper_dataset"]] = args.critic_hidden_dims
     assert widths.pop("halfcheetah-medium-expert-v0") == (256, 256, 256)
     assert widths and set(widths.values()) == {(256, 256)}
 
@@ -441,7 +442,8 @@ def test_pretrained_takes_the_members_of_a_finished_pretraining(reference_run, t
     assert [(r["step"], r["phase"]) for r in read_evaluations(run_dir)] == [(0, "online")]
     final = checkpoint.load(f"{run_dir}/{CHECKPOINT_FILE}")["agent"]
     for name in ("actor", "critic"):
-        for source, restored in zip(jax.tree_util.tree_leaves(saved[name]), jax.tree_util.tree_leaves(final[name]["params"])):
+        restored_leaves = jax.tree_util.tree_leaves(final[name]["params"])
+        for source, restored in zip(jax.tree_util.tree_leaves(saved[name]), restored_leaves):
             np.testing.assert_array_equal(restored, source)
 
 

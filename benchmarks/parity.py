@@ -766,6 +766,7 @@ def main(args: ParityArgs) -> int:
     for reference in references:
         compare.prepare(args, reference)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    ours = compare.git_commit()  # our commit, and whether algorithms/, common/ or benchmarks/ differ from it
     checks = []
     with tempfile.TemporaryDirectory() as folder:
         for algorithm in args.algorithms:
@@ -773,7 +774,8 @@ def main(args: ParityArgs) -> int:
             for check in run_algorithm(args, algorithm, folder):
                 checks.append(check)
                 emit({**dataclasses.asdict(check), "reference": reference.repository,
-                      "reference_commit": compare.source_and_commit(args, reference)[1], "date": date}, args.json_out)
+                      "reference_commit": compare.source_and_commit(args, reference)[1], "ours": ours,
+                      "date": date}, args.json_out)
     print()
     print(summary_table(checks))
     return 0 if all(check.passed for check in checks) else 1

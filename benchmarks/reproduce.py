@@ -438,9 +438,9 @@ STOP_REASONS = {"SIGTERM": "pre-empted or cancelled (SIGTERM: scontrol requeue, 
 
 def log_line(task: Task, text: str) -> None:
     """One `[reproduce]` line in the slot's reproduce.log (with the SLURM job, where there is one)."""
-    job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    where = (f" [SLURM job {job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}, restart "
-             f"{os.environ.get('SLURM_RESTART_COUNT', '0')}]" if job else "")
+    job = (f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+           if "SLURM_ARRAY_JOB_ID" in os.environ else os.environ.get("SLURM_JOB_ID"))  # (one run: no array)
+    where = f" [SLURM job {job}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')}]" if job else ""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     with open(task.slot / LOG_FILE, "a") as log:
         log.write(f"[reproduce] {stamp} UTC{where} {text}\n")

@@ -72,12 +72,18 @@ REFERENCES = {
     "iql": compare.Reference("iql", "ikostrikov/implicit_q_learning",
                              "https://github.com/ikostrikov/implicit_q_learning",
                              "09d700248117881a75cb21f0adb95c6c8a694cb2", ("tfp-nightly==0.26.0.dev20261027",)),
+    # The commit wsrl.py follows. `wsrl.agents` imports all five agents: distrax (as for Cal-QL),
+    # chex (distrax's), ml-collections, overrides and absl-py; no gym, d4rl or wandb.
+    "wsrl": compare.Reference("wsrl", "zhouzypaul/wsrl", "https://github.com/zhouzypaul/wsrl",
+                              "891ee353afe5303835da421c60d4ac35f6e2ef10",
+                              ("distrax==0.1.9", "tfp-nightly==0.26.0.dev20261027", "ml-collections==1.1.0",
+                               "overrides==7.7.0", "absl-py==2.3.1")),
 }
 
 
 @dataclasses.dataclass
 class ParityArgs:
-    algorithms: tuple[Literal["rlpd", "calql", "cql", "iql"], ...] = ("rlpd", "calql", "cql", "iql")
+    algorithms: tuple[Literal["rlpd", "calql", "cql", "iql", "wsrl"], ...] = ("rlpd", "calql", "cql", "iql", "wsrl")
     """Algorithms to check, in this order."""
     keys: int = 100
     """Random keys per side for the checks made in distribution."""
@@ -102,6 +108,9 @@ class ParityArgs:
     iql_source: str = REFERENCES["iql"].url
     """ikostrikov/implicit_q_learning to clone."""
     iql_commit: str = REFERENCES["iql"].commit
+    wsrl_source: str = REFERENCES["wsrl"].url
+    """zhouzypaul/wsrl to clone."""
+    wsrl_commit: str = REFERENCES["wsrl"].commit
     json_out: str | None = None
     """Also append the JSON lines to this file."""
     dry_run: bool = False
@@ -681,6 +690,142 @@ def compare_iql(cases: list[dict], batch: dict, theirs: dict, z: float) -> list[
 
 
 # ---------------------------------------------------------------------------------------------
+# WSRL fine-tuning: zhouzypaul/wsrl SACAgent.update_high_utd against algorithms/wsrl.py's update
+
+# Their ModuleDict layout -> ours: the actor's `network` MLP is our MLP_0 (Dense_i, LayerNorm_i),
+# its heads Dense_0 (mean) and Dense_1 (log-std) keep their names; the critic's `network` (the
+# vmapped trunks, a leading axis of 10 on every leaf) is our `trunks`, its ONE shared head
+# Dense_0 our `head`; the temperature's `lagrange` (softplus parameter) our `x`.
+WSRL_NETWORKS = {"modules_actor": ("actor", {"network": "MLP_0"}),
+                 "modules_critic": ("critic", {"network": "trunks"}),
+                 "modules_temperature": ("temperature", {"lagrange": "x"})}
+
+
+def wsrl_mapping(theirs: dict) -> dict:
+    """Their flat `params/...` and `target_params/...` in our layout (actor, critic, temperature,
+    target_critic; their targets of the actor and temperature are never read and are left out)."""
+    mapped = {}
+    for path, value in theirs.items():
+        tree, module, *rest = path.split("/")
+        network, renames = WSRL_NETWORKS[module]
+        if tree == "target_params":
+            if network != "critic":
+                continue
+            network = "target_critic"
+        if module == "modules_critic" and rest[0] == "Dense_0":  # the shared head
+            rest = ["head", *rest[1:]]
+        else:
+            rest = [renames.get(rest[0], rest[0]), *rest[1:]]
+        mapped["/".join([network, *rest])] = value
+    return mapped
+
+
+def wsrl_cases(args: ParityArgs) -> list[dict]:
+    """deterministic: every critic trunk a copy of the first (the subset-min's draw does not
+    matter), std at its 1e-5 clip, temperature softplus(-30); G=2, without and with the AntMaze
+    max-target backup. random: untouched initialisation, temperature 1, 2 of 10 critics drawn
+    with replacement, in distribution. The launch scripts' learning rates (actor and temperature
+    1e-4, critics 3e-4); 2 hidden layers of `hidden`."""
+    shared = {"hidden_dims": [args.hidden, args.hidden], "seed": args.seed, "utd": 2, "actor_lr": 1e-4,
+              "critic_lr": 3e-4, "temp_lr": 1e-4}
+    fixed = {**shared, "deterministic": True, "identical_critics": True, "log_std_bias": -30.0,
+             "temperature_param": -30.0, "keys": 0, "exact": ["critic_loss", "q", "target_q", "actor_loss",
+                                                               "temperature"], "random": []}
+    return [{**fixed, "case": "deterministic", "max_target_backup": False},
+            {**fixed, "case": "deterministic-max-backup", "max_target_backup": True},
+            {**shared, "case": "random", "deterministic": False, "max_target_backup": False, "keys": args.keys,
+             "exact": ["temperature"], "random": ["critic_loss", "q", "target_q", "actor_loss", "entropy",
+                                                  "temperature_loss"]}]
+
+
+WSRL_THEIR_METRICS = {"critic_loss": "critic/critic_loss", "q": "critic/predicted_qs", "target_q": "critic/target_qs",
+                      "actor_loss": "actor/actor_loss", "entropy": "actor/entropy", "temperature": "actor/temperature",
+                      "temperature_loss": "temperature/temperature_loss"}
+
+
+def wsrl_our_args(case: dict):
+    from algorithms import wsrl
+    hidden = tuple(case["hidden_dims"])
+    return dataclasses.replace(wsrl.Args(), actor_hidden_dims=hidden, critic_hidden_dims=hidden, ensemble_size=10,
+                               num_min_qs=2, layer_norm=True, state_independent_std=False, last_hidden_gain=1e-2,
+                               pretraining="calql", cql_alpha=5.0, cql_lagrange=False, cql_target_action_gap=0.8,
+                               cql_importance_sample=True, max_target_backup=case["max_target_backup"],
+                               n_actions=10, actor_lr=case["actor_lr"], critic_lr=case["critic_lr"],
+                               temp_lr=case["temp_lr"], idle_optimizer_steps=True, seed=case["seed"])
+
+
+def wsrl_our_params(agent) -> dict:
+    return {"actor": agent.actor.params, "critic": agent.critic.params, "temperature": agent.temperature.params,
+            "target_critic": agent.target_critic_params}
+
+
+def wsrl_our_side(case: dict, batch: dict, params: dict | None) -> dict:
+    """Our arrays for one case in our layout (params None: only init/, a fresh agent's)."""
+    import jax
+    import jax.numpy as jnp
+    from algorithms import wsrl
+
+    observation_dim, action_dim = batch["observations"].shape[-1], batch["actions"].shape[-1]
+    args = wsrl_our_args(case)
+    config = wsrl.make_config(args, action_dim)
+    agent = wsrl.create_agent(args, config, observation_dim, action_dim)
+    if params is None:
+        return flatten({"init": wsrl_our_params(agent)})
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+
+    def fresh(state, new_params):
+        return state.replace(params=new_params, opt_state=state.tx.init(new_params))
+
+    agent = agent.replace(actor=fresh(agent.actor, params["actor"]), critic=fresh(agent.critic, params["critic"]),
+                          temperature=fresh(agent.temperature, params["temperature"]),
+                          target_critic_params=params["target_critic"])
+    rows = {name: jnp.asarray(batch[name]) for name in ("observations", "actions", "rewards", "masks",
+                                                        "next_observations")}
+    mean, log_std = config.actor.apply({"params": agent.actor.params}, rows["observations"])
+    arrays = {"out/q": config.critic.apply({"params": agent.critic.params}, rows["observations"], rows["actions"]),
+              "out/actor_mean": mean, "out/actor_std": jnp.exp(log_std),
+              "out/temperature": wsrl.scalar_value(agent.temperature)}
+    update = jax.jit(lambda agent: wsrl.update(agent, rows, config, case["utd"]))
+    updated, info = update(agent.replace(key=jax.random.PRNGKey(case["seed"])))
+    arrays.update(flatten({"info": info, "updated": wsrl_our_params(updated)}))
+    draws = [update(agent.replace(key=jax.random.PRNGKey(1000 + index)))[1] for index in range(case["keys"])]
+    if draws:
+        arrays.update({f"dist/{name}": np.stack([np.asarray(d[name]) for d in draws]) for name in draws[0]})
+    return {name: np.asarray(value) for name, value in arrays.items()}
+
+
+def compare_wsrl(cases: list[dict], batch: dict, theirs: dict, z: float) -> list[Check]:
+    """Every check of every case, from the driver's arrays."""
+    checks = []
+    for case in cases:
+        name = case["case"]
+        their_case = subtree(theirs, name)
+        mapped = wsrl_mapping(subtree(their_case, "init"))
+        fresh = subtree(wsrl_our_side(case, batch, None), "init")
+        checks.append(mapping_check("wsrl", name, "parameter mapping", mapped, fresh))
+        if not checks[-1].passed:
+            continue
+        ours = wsrl_our_side(case, batch, unflatten(mapped))
+        for output in ("q", "actor_mean", "actor_std", "temperature"):
+            checks.append(compare_arrays("wsrl", name, f"{output} before the update", their_case[f"out/{output}"],
+                                         ours[f"out/{output}"], OUTPUT_TOLERANCE))
+        for metric in case["exact"]:
+            checks.append(compare_arrays("wsrl", name, metric, their_case[f"info/{WSRL_THEIR_METRICS[metric]}"],
+                                         ours[f"info/{metric}"], UPDATE_TOLERANCE))
+        for metric in case["random"]:
+            checks.append(compare_distribution("wsrl", name, f"{metric} (mean over keys)",
+                                               their_case[f"dist/{WSRL_THEIR_METRICS[metric]}"],
+                                               ours[f"dist/{metric}"], z))
+        if case["deterministic"]:
+            updated = wsrl_mapping(subtree(their_case, "updated"))
+            for network in ("actor", "critic", "temperature", "target_critic"):
+                checks.append(compare_trees("wsrl", name, f"{network} parameters after the update",
+                                            subtree(updated, network), subtree(ours, f"updated/{network}"),
+                                            UPDATE_TOLERANCE))
+    return checks
+
+
+# ---------------------------------------------------------------------------------------------
 # Running the drivers
 
 
@@ -699,7 +844,8 @@ PAIRS = {"rlpd": Pair(REFERENCES["rlpd"], "rlpd_parity.py", rlpd_cases, compare_
                        functools.partial(compare_jaxcql, "calql")),
          "cql": Pair(REFERENCES["cal-ql"], "calql_parity.py", lambda args: jaxcql_cases(args, calibrated=False),
                      functools.partial(compare_jaxcql, "cql")),
-         "iql": Pair(REFERENCES["iql"], "iql_parity.py", iql_cases, compare_iql)}
+         "iql": Pair(REFERENCES["iql"], "iql_parity.py", iql_cases, compare_iql),
+         "wsrl": Pair(REFERENCES["wsrl"], "wsrl_parity.py", wsrl_cases, compare_wsrl)}
 
 
 def driver_command(args: ParityArgs, algorithm: str, input_path: str, output_path: str) -> list[str]:

@@ -242,3 +242,35 @@ def test_rlpd_mapping_places_every_leaf():
     fresh = parity.rlpd_fresh_params(settings, obs, act)
     assert parity.mapping_check("rlpd", "c", "m", mapped, fresh).passed
     assert mapped["actor/Dense_0/kernel"][0, 0] == 5.0 and mapped["actor/Dense_1/bias"][0] == 6.5  # mean, log-std
+
+
+def test_wsrl_mapping_places_every_leaf_and_reports_per_member_heads():
+    """zhouzypaul/wsrl's ModuleDict layout (the critic's vmapped trunks under `network`, ONE shared
+    head Dense_0) maps onto wsrl.py's critic; critics with a head each (a leading axis of 10 on
+    the head) are a mapping difference that names the head."""
+    from algorithms import wsrl  # noqa: F401  (the module the fresh tree comes from)
+    settings = parity.wsrl_cases(ARGS)[0]
+    obs, act, hidden, members = ARGS.observation_dim, ARGS.action_dim, ARGS.hidden, 10
+    norms = {f"LayerNorm_{i}/{leaf}": np.ones(hidden, np.float32) for i in range(2) for leaf in ("scale", "bias")}
+    actor = {**dense("network", [obs, hidden, hidden], 1.0), **{f"network/{k}": v for k, v in norms.items()},
+             **dense("", [hidden, act], 3.0), **dense("x", [hidden, act], 4.0)}
+    actor = {path.lstrip("/").replace("x/Dense_0", "Dense_1"): value for path, value in actor.items()}
+    trunks = {**dense("network", [obs + act, hidden, hidden], 10.0), **{f"network/{k}": v for k, v in norms.items()}}
+    trunks = {path: np.broadcast_to(value, (members, *value.shape)) for path, value in trunks.items()}
+    critic = {**trunks, **dense("", [hidden, 1], 20.0)}
+    critic = {path.lstrip("/"): value for path, value in critic.items()}
+    params = {"modules_actor": actor, "modules_critic": critic, "modules_temperature": {"lagrange": np.float32(0.5)}}
+    theirs = {f"{tree}/{module}/{path}": value for tree in ("params", "target_params")
+              for module, leaves in params.items() for path, value in leaves.items()}
+    mapped = parity.wsrl_mapping(theirs)
+    fresh = parity.subtree(parity.wsrl_our_side(settings, batch(), None), "init")
+    assert parity.mapping_check("wsrl", "c", "m", mapped, fresh).passed
+    assert mapped["critic/head/kernel"][0, 0] == 20.0 and mapped["actor/Dense_1/kernel"][0, 0] == 4.0
+    assert mapped["target_critic/trunks/Dense_1/kernel"].shape == (members, hidden, hidden)
+    assert mapped["temperature/x"] == 0.5
+
+    per_member = dict(theirs)
+    for path in ("params/modules_critic/Dense_0/kernel", "params/modules_critic/Dense_0/bias"):
+        per_member[path] = np.broadcast_to(theirs[path], (members, *theirs[path].shape))
+    check = parity.mapping_check("wsrl", "c", "m", parity.wsrl_mapping(per_member), fresh)
+    assert not check.passed and f"critic/head/kernel theirs ({members}, {hidden}, 1) ours ({hidden}, 1)" in check.note

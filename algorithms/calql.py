@@ -35,12 +35,8 @@ step; on Kitchen an unterminated trajectory keeps its last reward forever (the c
   * Networks (JaxCQL with orthogonal_init): ReLU MLPs; hidden layers orthogonal (gain sqrt 2),
     output layers orthogonal with gain 1e-2; tanh-Gaussian actor whose log-std is
     multiplier * head + offset (both learned, initially 1 and -1), clipped to [-20, 2].
-  * WSRL's pre-training (wsrl.py sets these): `--num-qs 10 --num-min-qs 2 --layer-norm True`,
-    `--std-head separate|state-independent` (std clipped to [1e-5, 10]), `--output-gain 1.414
-    --last-hidden-gain 0.01` (wsrl/networks/mlp.py kernel_scale_final) and `--wsrl-losses True`
-    (wsrl/agents/cql.py: losses averaged over critics, the penalty on --num-min-qs critics drawn
-    with replacement, Lagrange weight softplus alpha' alone, softplus temperature trained on the
-    entropy at the next observations).
+    Off by default: `--layer-norm True` adds LayerNorm after each hidden layer, and `--num-qs` /
+    `--num-min-qs` give a larger ensemble with a subset-min target.
 
 Online fine-tuning (the official loop): the policy collects one whole trajectory, which gets
 its returns-to-go and goes into the online buffer; then `utd` x (its length) updates follow,
@@ -75,9 +71,6 @@ online steps, 20 episodes) is left to `--eval-every` / `--eval-episodes`.
 Usage:
   python algorithms/calql.py                                   # local PointMaze data, built on first use
   python algorithms/calql.py --env antmaze-large               # D4RL/antmaze/large-diverse-v1, 1M + 1M
-  python algorithms/calql.py --env antmaze-large --online-steps 0 --num-qs 10 --num-min-qs 2 --layer-norm True \
-      --std-head state-independent --output-gain 1.414 --last-hidden-gain 0.01 --wsrl-losses True
-                                                               # WSRL's AntMaze pre-training
   python algorithms/calql.py --resume runs/calql__...          # continue a stopped run
 """
 
@@ -87,7 +80,7 @@ import dataclasses
 import functools
 import os
 import sys
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -106,7 +99,6 @@ from common import run as harness
 from common.cli import check, run_cli
 
 ALGORITHM = "calql"
-SQRT2 = float(np.sqrt(2.0))
 
 
 @tyro.conf.configure(tyro.conf.FlagConversionOff)  # every boolean flag takes a value: --progress False
@@ -167,14 +159,7 @@ class Args:
     num_min_qs: int | None = None
     """Target critics drawn without replacement for the min in the TD target (default: all)."""
     layer_norm: bool = False
-    """LayerNorm after every hidden layer of actor and critics (WSRL's pre-training network)."""
-    std_head: Literal["scaled", "separate", "state-independent"] = "scaled"
-    """Actor log-std: scaled (JaxCQL: multiplier x head + offset, clipped to [-20, 2]); separate (WSRL:
-    its own head) or state-independent (WSRL AntMaze: learned per action dim), std clipped to [1e-5, 10]."""
-    output_gain: float = 1e-2
-    """Orthogonal init gain of the output layers (JaxCQL 1e-2; WSRL sqrt 2)."""
-    last_hidden_gain: float = SQRT2
-    """Orthogonal init gain of the last hidden layer (JaxCQL sqrt 2; WSRL 1e-2, Kitchen sqrt 2)."""
+    """LayerNorm after every hidden layer of actor and critics (off in CQL's and Cal-QL's networks)."""
 
     # --- algorithm ---
     discount: float = 0.99
@@ -219,11 +204,6 @@ class Args:
     """Rewards become reward_scale * r + reward_bias, offline and online [preset]."""
     reward_bias: float | None = None
     """See --reward-scale [preset]."""
-    wsrl_losses: bool = False
-    """WSRL's pre-training losses (wsrl/agents/cql.py): TD loss and penalty averaged over critics, not
-    summed; the penalty on --num-min-qs critics drawn with replacement, as is the target's subset;
-    Lagrange weight softplus(x) from 1, times (gap - target gap); temperature softplus(x), its loss
-    on the entropy at the next observations."""
 
 
 # JaxCQL/conservative_sac_main.py and conservative_sac.py defaults (policy_arch and qf_arch 256-256,
@@ -276,26 +256,22 @@ def transform_rewards(rewards, args: Args):
 # Networks
 
 
-WSRL_STD_RANGE = (float(np.log(1e-5)), float(np.log(10.0)))  # wsrl/networks/actor_critic_nets.py std_min, std_max
+def hidden_init():
+    return nn.initializers.orthogonal(jnp.sqrt(2.0))
 
 
-def orthogonal(gain: float):
-    return nn.initializers.orthogonal(gain)
+def output_init():
+    return nn.initializers.orthogonal(1e-2)
 
 
 class MLP(nn.Module):
-    """ReLU layers (Dense -> [LayerNorm] -> ReLU); the last one's kernel initialised with its own gain
-    (WSRL's kernel_scale_final, wsrl/networks/mlp.py), the others with gain sqrt 2."""
-
     hidden_dims: tuple[int, ...]
     layer_norm: bool = False
-    last_hidden_gain: float = SQRT2
 
     @nn.compact
     def __call__(self, x):
-        for i, width in enumerate(self.hidden_dims):
-            gain = self.last_hidden_gain if i == len(self.hidden_dims) - 1 else SQRT2
-            x = nn.Dense(width, kernel_init=orthogonal(gain))(x)
+        for width in self.hidden_dims:
+            x = nn.Dense(width, kernel_init=hidden_init())(x)
             if self.layer_norm:
                 x = nn.LayerNorm()(x)
             x = nn.relu(x)
@@ -305,13 +281,11 @@ class MLP(nn.Module):
 class Critic(nn.Module):
     hidden_dims: tuple[int, ...]
     layer_norm: bool = False
-    output_gain: float = 1e-2
-    last_hidden_gain: float = SQRT2
 
     @nn.compact
     def __call__(self, observations, actions):
-        x = MLP(self.hidden_dims, self.layer_norm, self.last_hidden_gain)(jnp.concatenate([observations, actions], -1))
-        return nn.Dense(1, kernel_init=orthogonal(self.output_gain))(x).squeeze(-1)
+        x = MLP(self.hidden_dims, self.layer_norm)(jnp.concatenate([observations, actions], -1))
+        return nn.Dense(1, kernel_init=output_init())(x).squeeze(-1)
 
 
 class CriticEnsemble(nn.Module):
@@ -321,29 +295,26 @@ class CriticEnsemble(nn.Module):
     Evaluation runs each critic on the rows flattened to one matrix, a loop over the members'
     slices of the stacked parameters: plain matrix products, which a CPU runs faster than the
     batched ones of a vmapped call on CQL's (31 actions x batch) rows (`benchmarks/compare.py`).
-    Ensembles of more than 2 (WSRL's 10) keep the one vmapped call: unrolled over 10 members
+    Ensembles of more than 2 keep the one vmapped call: unrolled over 10 members
     the update took 78 s to compile against 18 s (`benchmarks/offline_speed.py`, pointmaze).
     """
 
     hidden_dims: tuple[int, ...]
     num: int
     layer_norm: bool = False
-    output_gain: float = 1e-2
-    last_hidden_gain: float = SQRT2
 
     @nn.compact
     def __call__(self, observations, actions):
-        critic_args = (self.hidden_dims, self.layer_norm, self.output_gain, self.last_hidden_gain)
         ensemble = nn.vmap(Critic, variable_axes={"params": 0}, split_rngs={"params": True},
-                           in_axes=None, out_axes=0, axis_size=self.num)(*critic_args)
+                           in_axes=None, out_axes=0, axis_size=self.num)(self.hidden_dims, self.layer_norm)
         if self.is_initializing():
             return ensemble(observations, actions)
         batch_shape = actions.shape[:-1]
         observations = jnp.broadcast_to(observations, (*batch_shape, observations.shape[-1]))
-        if self.num > 2:  # WSRL's 10 critics: one vmapped call (a 10-member loop compiles and runs far slower)
+        if self.num > 2:  # one vmapped call (a 10-member loop compiles and runs far slower)
             return ensemble(observations, actions)
         rows = observations.reshape(-1, observations.shape[-1]), actions.reshape(-1, actions.shape[-1])
-        member = Critic(*critic_args, parent=None)
+        member = Critic(self.hidden_dims, self.layer_norm, parent=None)
         stacked = self.variables["params"][ensemble.name]
         values = [member.apply({"params": jax.tree_util.tree_map(lambda leaf: leaf[i], stacked)}, *rows)
                   for i in range(self.num)]
@@ -351,48 +322,29 @@ class CriticEnsemble(nn.Module):
 
 
 class Actor(nn.Module):
-    """Tanh-Gaussian policy head: the Gaussian's mean and log-std before the tanh. `std_head`:
-    "scaled" (JaxCQL): one Dense gives mean and head, log-std = multiplier * head + offset with
-    both scalars learned (initial 1 and -1), clipped to [-20, 2]; "separate" (WSRL's "exp"): a
-    Dense head of its own; "state-independent" (WSRL's "uniform", AntMaze): one learned log-std
-    per action dimension, initially 0. WSRL's std is clipped to [1e-5, 10]."""
+    """Tanh-Gaussian policy head: the Gaussian's mean and log-std before the tanh. As in JaxCQL,
+    log-std = multiplier * head + offset with both scalars learned (initial 1 and -1)."""
 
     hidden_dims: tuple[int, ...]
     action_dim: int
     layer_norm: bool = False
-    std_head: str = "scaled"
-    output_gain: float = 1e-2
-    last_hidden_gain: float = SQRT2
 
     @nn.compact
     def __call__(self, observations):
-        x = MLP(self.hidden_dims, self.layer_norm, self.last_hidden_gain)(observations)
-        if self.std_head == "scaled":
-            mean, log_std = jnp.split(nn.Dense(2 * self.action_dim, kernel_init=orthogonal(self.output_gain))(x), 2,
-                                      axis=-1)
-            multiplier = self.param("log_std_multiplier", lambda _: jnp.ones(()))
-            offset = self.param("log_std_offset", lambda _: -jnp.ones(()))
-            return mean, jnp.clip(multiplier * log_std + offset, -20.0, 2.0)
-        mean = nn.Dense(self.action_dim, kernel_init=orthogonal(self.output_gain))(x)
-        if self.std_head == "separate":
-            log_std = nn.Dense(self.action_dim, kernel_init=orthogonal(self.output_gain))(x)
-        else:
-            log_std = jnp.broadcast_to(self.param("log_std", nn.initializers.zeros, (self.action_dim,)), mean.shape)
-        return mean, jnp.clip(log_std, *WSRL_STD_RANGE)
+        x = MLP(self.hidden_dims, self.layer_norm)(observations)
+        mean, log_std = jnp.split(nn.Dense(2 * self.action_dim, kernel_init=output_init())(x), 2, axis=-1)
+        multiplier = self.param("log_std_multiplier", lambda _: jnp.ones(()))
+        offset = self.param("log_std_offset", lambda _: -jnp.ones(()))
+        return mean, jnp.clip(multiplier * log_std + offset, -20.0, 2.0)
 
 
 class Scalar(nn.Module):
-    """A learned positive scalar (entropy temperature, Lagrange multiplier): exp(x) (JaxCQL), or
-    softplus(x) (WSRL, wsrl/networks/lagrange.py); x starts where the value is `init_value`."""
+    """A learned positive scalar exp(log_value) (entropy temperature, Lagrange multiplier)."""
 
     init_value: float = 1.0
-    softplus: bool = False
 
     @nn.compact
     def __call__(self):
-        if self.softplus:
-            start = jnp.log(jnp.expm1(self.init_value))  # the inverse of softplus
-            return nn.softplus(self.param("softplus_value", lambda _: jnp.full((), start)))
         return jnp.exp(self.param("log_value", lambda _: jnp.full((), jnp.log(self.init_value))))
 
 
@@ -447,7 +399,6 @@ class Config:
     max_target_backup: bool = struct.field(pytree_node=False)
     bc_steps: int = struct.field(pytree_node=False)
     calibration: bool = struct.field(pytree_node=False)
-    wsrl_losses: bool = struct.field(pytree_node=False)
 
 
 class Agent(struct.PyTreeNode):
@@ -462,14 +413,12 @@ class Agent(struct.PyTreeNode):
 def make_config(args: Args, action_dim: int) -> Config:
     target_entropy = -float(action_dim) if args.target_entropy is None else args.target_entropy
     num_min_qs = args.num_qs if args.num_min_qs is None else args.num_min_qs
-    gains = dict(output_gain=args.output_gain, last_hidden_gain=args.last_hidden_gain)
-    critic = functools.partial(CriticEnsemble, tuple(args.critic_hidden_dims), layer_norm=args.layer_norm, **gains)
-    actor = Actor(tuple(args.actor_hidden_dims), action_dim, args.layer_norm, args.std_head, **gains)
-    return Config(actor, critic(args.num_qs),
+    critic = functools.partial(CriticEnsemble, tuple(args.critic_hidden_dims), layer_norm=args.layer_norm)
+    return Config(Actor(tuple(args.actor_hidden_dims), action_dim, args.layer_norm), critic(args.num_qs),
                   critic(num_min_qs), args.num_qs, num_min_qs, action_dim, args.discount, args.tau,
                   args.backup_entropy, target_entropy, args.cql_alpha, args.cql_n_actions, args.cql_temperature,
                   args.cql_importance_sample, args.cql_lagrange, args.cql_target_action_gap, args.max_target_backup,
-                  args.bc_steps, calibration=True, wsrl_losses=args.wsrl_losses)
+                  args.bc_steps, calibration=True)
 
 
 def create_agent(args: Args, config: Config, observation_dim: int, action_dim: int) -> Agent:
@@ -482,13 +431,12 @@ def create_agent(args: Args, config: Config, observation_dim: int, action_dim: i
     temperature_lr = args.actor_lr if args.temp_lr is None else args.temp_lr
 
     def scalar(init_value, lr):
-        module = Scalar(init_value, softplus=args.wsrl_losses)
+        module = Scalar(init_value)
         return TrainState.create(apply_fn=module.apply, params=module.init(key)["params"], tx=optax.adam(lr))
 
     target_params = jax.tree_util.tree_map(jnp.copy, critic_params)  # own buffers: the state is donated
-    alpha_prime_start = 1.0 if args.wsrl_losses else float(np.e)  # WSRL: softplus(x) = 1; JaxCQL: log alpha' = 1
     agent = Agent(actor, critic, target_params, scalar(args.init_temperature, temperature_lr),
-                 scalar(alpha_prime_start, args.alpha_prime_lr), key)
+                 scalar(float(np.e), args.alpha_prime_lr), key)  # log alpha' starts at 1
     return harness.strongly_typed(agent)  # no recompilation when the first update fixes the dtypes
 
 
@@ -503,7 +451,7 @@ def td_target(key, batch, actor_params, target_params, temperature, config: Conf
     mean, log_std = config.actor.apply({"params": actor_params}, batch["next_observations"])
     num = config.cql_n_actions if config.max_target_backup else None
     next_actions, next_log_probs = sample_tanh_normal(action_key, mean, log_std, num)
-    members = draw_critics(subset_key, config)
+    members = jax.random.choice(subset_key, config.num_qs, (config.num_min_qs,), replace=False)
     subset = jax.tree_util.tree_map(lambda leaf: leaf[members], target_params)
     next_observations = jnp.broadcast_to(batch["next_observations"],
                                          (*next_actions.shape[:-1], batch["next_observations"].shape[-1]))
@@ -515,19 +463,6 @@ def td_target(key, batch, actor_params, target_params, temperature, config: Conf
     if config.backup_entropy:
         next_q = next_q - temperature * next_log_probs
     return batch["rewards"] + config.discount * batch["masks"] * next_q
-
-
-def draw_critics(key, config: Config):
-    """The critics of a subset-min: without replacement (JaxCQL's choice), or with replacement as
-    WSRL's jax.random.randint (wsrl/agents/sac.py, cql.py)."""
-    if config.wsrl_losses:
-        return jax.random.randint(key, (config.num_min_qs,), 0, config.num_qs)
-    return jax.random.choice(key, config.num_qs, (config.num_min_qs,), replace=False)
-
-
-def reduce_critics(values, config: Config):
-    """A loss over critics: their sum (JaxCQL), or their mean (WSRL's jnp.mean)."""
-    return values.mean() if config.wsrl_losses else values.sum()
 
 
 def ood_q_values(key, batch, actor_params, critic_params, config: Config) -> dict[str, jax.Array]:
@@ -574,38 +509,32 @@ def cql_gap(samples, data_q, config: Config):
 
 
 def critic_loss(critic_params, key, batch, target_q, actor_params, alpha_prime, config: Config):
-    """Mean squared TD error plus the CQL penalty, summed over critics; WSRL: both averaged, the
-    penalty on a subset of critics drawn with replacement (wsrl/agents/cql.py `_get_cql_q_diff`)."""
+    """Sum over critics of the mean squared TD error plus the CQL penalty."""
     data_q = config.critic.apply({"params": critic_params}, batch["observations"], batch["actions"])
-    td_loss = reduce_critics(((data_q - target_q) ** 2).mean(-1), config)
+    td_loss = ((data_q - target_q) ** 2).mean(-1).sum()
     samples = ood_q_values(key, batch, actor_params, critic_params, config)
     below_bound = (samples["policy"] < batch["mc_returns"]).mean()
     if config.calibration:
         samples = calibrate(samples, batch["mc_returns"])
     gap = cql_gap(samples, data_q, config)
-    if config.wsrl_losses:
-        gap = gap[draw_critics(jax.random.fold_in(key, 1), config)]
     if config.cql_lagrange:
         penalty = lagrange_penalty(alpha_prime, gap, config)
     else:
         penalty = config.cql_alpha * gap
     info = {"td_loss": td_loss, "q": data_q.mean(), "cql_gap": gap.mean(), "below_bound_rate": below_bound,
             "ood_policy_q": samples["policy"].mean(), "ood_random_q": samples["random"].mean()}
-    return td_loss + reduce_critics(penalty, config), (gap, info)
+    return td_loss + penalty.sum(), (gap, info)
 
 
 def lagrange_penalty(alpha_prime, gap, config: Config):
-    """Per critic, Cal-QL's form: alpha' * alpha_cql * (gap - target action gap); WSRL's: alpha' *
-    (gap - target action gap)."""
-    weight = alpha_prime if config.wsrl_losses else alpha_prime * config.cql_alpha
-    return weight * (gap - config.cql_target_action_gap)
+    """Per critic, Cal-QL's form: alpha' * alpha_cql * (gap - target action gap)."""
+    return alpha_prime * config.cql_alpha * (gap - config.cql_target_action_gap)
 
 
 def alpha_prime_loss(alpha_prime_params, gap, alpha_prime_apply, config: Config):
     """Dual step: raise alpha' while the penalty exceeds the threshold, lower it below."""
     alpha_prime = jnp.clip(alpha_prime_apply({"params": alpha_prime_params}), 0.0, 1e6)
-    penalty = lagrange_penalty(alpha_prime, gap, config)
-    return -penalty.mean() if config.wsrl_losses else -penalty.sum() * 0.5
+    return -lagrange_penalty(alpha_prime, gap, config).sum() * 0.5
 
 
 def actor_loss(actor_params, key, batch, critic_params, temperature, behaviour_cloning, config: Config):
@@ -619,20 +548,8 @@ def actor_loss(actor_params, key, batch, critic_params, temperature, behaviour_c
 
 
 def temperature_loss(temperature_params, entropy, target_entropy):
-    """-log alpha * (log pi + target entropy), with the batch-mean log pi = -entropy; WSRL's
-    softplus temperature: alpha * (entropy - target entropy) (wsrl/agents/sac.py)."""
-    if "softplus_value" in temperature_params:
-        return jax.nn.softplus(temperature_params["softplus_value"]) * (entropy - target_entropy)
+    """-log alpha * (log pi + target entropy), with the batch-mean log pi = -entropy."""
     return temperature_params["log_value"] * (entropy - target_entropy)
-
-
-def next_entropy(key, batch, actor_params, config: Config):
-    """WSRL's temperature entropy: -mean log pi of fresh samples at the next observations (n per
-    row under max-target backup, as sac.py `temperature_loss_fn` draws them)."""
-    num = config.cql_n_actions if config.max_target_backup else None
-    _, log_probs = sample_tanh_normal(key, *config.actor.apply({"params": actor_params}, batch["next_observations"]),
-                                      num)
-    return -log_probs.mean()
 
 
 def update(agent: Agent, batch, config: Config):
@@ -655,8 +572,6 @@ def update(agent: Agent, batch, config: Config):
     behaviour_cloning = agent.actor.step < config.bc_steps
     (actor_value, entropy), actor_grads = jax.value_and_grad(actor_loss, has_aux=True)(
         agent.actor.params, actor_key, batch, agent.critic.params, temperature, behaviour_cloning, config)
-    if config.wsrl_losses:
-        entropy = next_entropy(jax.random.fold_in(actor_key, 1), batch, agent.actor.params, config)
     temp_loss, temp_grads = jax.value_and_grad(temperature_loss)(agent.temperature.params, entropy,
                                                                   config.target_entropy)
     target = optax.incremental_update(critic.params, agent.target_critic_params, config.tau)
@@ -721,14 +636,19 @@ RULES: list[harness.Rule] = [
     ("num_qs", harness.at_least(1), "must be >= 1"),
     ("cql_n_actions", harness.at_least(1), "must be >= 1"),
     *[(name, harness.positive, "must be positive") for name in (
-        "actor_lr", "critic_lr", "temp_lr", "alpha_prime_lr", "init_temperature", "cql_temperature",
-        "output_gain", "last_hidden_gain")],
+        "actor_lr", "critic_lr", "temp_lr", "alpha_prime_lr", "init_temperature", "cql_temperature")],
     ("cql_alpha", harness.at_least(0), "must be >= 0"),
     ("online_cql_alpha", harness.at_least(0), "must be >= 0"),
     ("actor_hidden_dims", harness.widths, "must be positive widths"),
     ("critic_hidden_dims", harness.widths, "must be positive widths"),
     ("discount", lambda value: 0.0 < value < 1.0, "must lie in (0, 1)"),  # returns-to-go divide by 1 - gamma
 ]
+
+# Settings of WSRL's pre-training that this script had until wsrl.py took that pre-training over,
+# with the values that left the network and losses this script's: a run folder that used other
+# values cannot be continued.
+RETIRED = {"std_head": "scaled", "output_gain": 1e-2, "last_hidden_gain": float(2.0 ** 0.5), "wsrl_losses": False}
+RETIRED_HINT = "WSRL's pre-training now runs in wsrl.py: python algorithms/wsrl.py --env ENV"
 
 
 def validate(args: Args) -> None:
@@ -781,9 +701,8 @@ def trajectory_rows(trajectory: dict[str, list], args: Args, task: datasets.Task
 
 
 def load_agent(run_dir: str) -> tuple[Agent, Config, dict[str, Any]]:
-    """The agent of a run's last checkpoint, its Config and its config.json (for fine-tuning
-    from a pre-trained run: wsrl.py, off2on.py)."""
-    args, saved = harness.read_run_config(run_dir, Args, ALGORITHM)
+    """The agent of a run's last checkpoint, its Config and its config.json."""
+    args, saved = harness.read_run_config(run_dir, Args, ALGORITHM, retired=RETIRED, hint=RETIRED_HINT)
     config = make_config(args, saved["action_dim"])
     agent = create_agent(args, config, saved["observation_dim"], saved["action_dim"])
     return harness.load_agent_state(run_dir, agent), config, saved
@@ -832,7 +751,7 @@ def start_run(args: Args) -> Run | None:
 
     Returns None when the run to resume has already finished.
     """
-    args, run_dir, saved = harness.resolve_resume(args, ALGORITHM)
+    args, run_dir, saved = harness.resolve_resume(args, ALGORITHM, retired=RETIRED, hint=RETIRED_HINT)
     validate(args)
     harness.prepare_video(args)  # --capture-video: the rendering backend, checked before any work
     if run_dir is None:
@@ -840,7 +759,7 @@ def start_run(args: Args) -> Run | None:
     task = datasets.resolve(args.env)
     check(task.dataset_id is not None,
           f"--env {args.env} is an environment without a dataset; {ALGORITHM}.py pre-trains offline: name a dataset.")
-    sized_by_preset = args.offline_steps is None  # the note describes the preset's size, not a caller's (wsrl.py)
+    sized_by_preset = args.offline_steps is None  # the note describes the preset's size, not a caller's
     args = apply_preset(args, task.domain)
     if run_dir is None and task.domain in PRESET_NOTES and sized_by_preset:
         print(f"Preset {task.domain} ({ALGORITHM}): {PRESET_NOTES[task.domain]}", flush=True)

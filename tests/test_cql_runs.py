@@ -104,6 +104,21 @@ def test_bad_input_gets_one_message_and_exit_2(module, flags, message, tmp_path)
     assert not list(tmp_path.iterdir())  # nothing was started
 
 
+@MODULES
+def test_a_run_folder_that_used_the_retired_wsrl_switches_gets_one_message(module, tmp_path):
+    """The switches of WSRL's pre-training moved into wsrl.py; a folder that used them is refused
+    on --resume, one with their neutral values is not (it fails later, for its missing checkpoint)."""
+    neutral = {"std_head": "scaled", "output_gain": 0.01, "last_hidden_gain": 2.0 ** 0.5, "wsrl_losses": False}
+    for name, record in (("wsrl", {**neutral, "std_head": "separate", "wsrl_losses": True}), ("neutral", neutral)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"algorithm": module.ALGORITHM, **record}))
+        result = run_script(script(module), "--resume", str(folder))
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        refused = f"older {module.ALGORITHM}.py" in result.stderr and "wsrl.py --env" in result.stderr
+        assert refused == (name == "wsrl"), result.stderr
+
+
 def test_cql_rejects_an_entropy_term_with_its_max_backup(tmp_path):
     result = run_script("cql.py", "--log-dir", str(tmp_path), "--max-target-backup", "True", "--backup-entropy", "True")
     assert result.returncode == 2 and "drop --backup-entropy" in result.stderr
@@ -120,8 +135,8 @@ def test_every_flag_is_documented(module):
 
 @MODULES
 def test_checkpoint_loads_for_later_scripts(module, tiny_pointmaze, tmp_path):
-    """`load_agent` rebuilds the trained agent from a run folder (what wsrl.py / off2on.py use),
-    here for WSRL's pre-training network: 10 LayerNorm critics, min over 2."""
+    """`load_agent` rebuilds the trained agent from a run folder (what `load_policy` serves),
+    here for an ensemble of 10 LayerNorm critics with a min over 2."""
     run_dir = module.main(tyro.cli(module.Args, args=[
         "--env", tiny_pointmaze, "--offline-steps", "50", "--online-steps", "0", "--num-qs", "10",
         "--num-min-qs", "2", "--layer-norm", "True", "--log-dir", str(tmp_path), *TINY]))

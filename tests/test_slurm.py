@@ -253,13 +253,14 @@ def stand_in_tools(tmp_path: Path, sbatch: str, squeue: str = "", sinfo: str = "
 
 @pytest.mark.parametrize("hours, message", [(0.01, "--time-hours 0.01 is under 5 minutes"),
                                             (0, "--time-hours 0 is under 5 minutes")])
-def test_a_time_limit_too_short_for_the_warning_is_refused(tmp_path, hours, message):
+def test_a_time_limit_too_short_for_the_warning_is_refused(tiny_pointmaze, tmp_path, hours, message):
+    pytest.importorskip("submitit")
     env = stand_in_tools(tmp_path, 'echo "Submitted batch job 7"')
-    path = write_table(tmp_path, "local/x")
+    path = write_table(tmp_path, tiny_pointmaze)
     result = reproduce_cli("run", str(path), "--root", str(tmp_path / "root"), "--slurm", "--time-hours", str(hours),
                            env=env)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr
-    assert not (tmp_path / "submitted.sh").exists() and not (tmp_path / "root").exists()
+    assert not (tmp_path / "submitted.sh").exists()  # (before: `#SBATCH --time=0`, which SLURM reads as unlimited)
     assert reproduce.slurm_time(5) == "00:05:00" and reproduce.slurm_time(24 * 60 + 30) == "24:30:00"
 
 

@@ -34,7 +34,7 @@ from common.cli import EXIT_STOPPED, RunStopped
 from common.evaluation import Evaluator
 from common.logger import CHECKPOINT_FILE, read_evaluations
 from tests.conftest import REPO, scores
-from tests.test_reproduce import TINY_FLAGS, fake_run, reproduce_cli, write_table
+from tests.test_reproduce import fake_run, reproduce_cli, write_table
 
 TINY_IQL = ["--hidden-dims", "32", "32", "--batch-size", "32", "--eval-episodes", "2", "--progress", "False"]
 

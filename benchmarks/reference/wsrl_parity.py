@@ -1,6 +1,8 @@
 """One fine-tuning update of zhouzypaul/wsrl's `SACAgent.update_high_utd` (the WSRL online step:
 G critic steps on consecutive minibatches, then one actor and one temperature step on the whole
-batch), with every input and output written to a file, for benchmarks/parity.py.
+batch), or one pre-training update of its `CalQLAgent` / `CQLAgent` (`agent.update(batch)`, as
+finetune.py's offline phase calls it), with every input and output written to a file, for
+benchmarks/parity.py.
 
 Run by parity.py with the Python of the WSRL virtual environment; it imports nothing of this
 project but `parity_io.py` beside it. It reads the batch from `--input` and, for each case of
@@ -16,7 +18,8 @@ learning rates of the launch scripts), and writes:
   CASE/dist/...                          the metrics of `keys` further calls, one random key each
 
 A case may change the initial parameters, nothing else: `identical_critics` (every critic trunk
-a copy of the first, so that which critics a subset-min draws does not matter), `log_std_bias`
+a copy of the first, so that which critics a subset-min draws does not matter), `ignore_actions`
+(the action rows of the trunks' first kernel set to 0: Q at uniform random actions is Q(s)), `log_std_bias`
 (the actor's log-std head kernel 0 and this bias: below the clip, std 1e-5), `temperature_param`
 (the temperature's softplus parameter).
 
@@ -42,12 +45,29 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build(settings: dict, batch: dict):
-    """SACAgent.create as finetune.py calls it, with wsrl_config.py's settings."""
+    """SACAgent.create as finetune.py calls it, with wsrl_config.py's settings; or, for a
+    pre-training case (`pretraining`: "calql" or "cql"), the pre-training agent with
+    cql_config.py's settings and the launch scripts' WSRL network (10 critics, subsample 2,
+    LayerNorm), updated by the case's `cql` object."""
     import jax
+    from wsrl.agents import agents
     from wsrl.agents.sac import SACAgent
 
     hidden = settings["hidden_dims"]
     network = {"activate_final": True, "use_layer_norm": True, "kernel_scale_final": settings.get("kernel_scale_final")}
+    if settings.get("pretraining"):
+        from experiments.configs import cql_config
+        config = cql_config.get_config({
+            "critic_ensemble_size": 10, "critic_subsample_size": 2, "use_calql": settings["pretraining"] == "calql",
+            "actor_optimizer_kwargs": {"learning_rate": settings["actor_lr"]},
+            "critic_optimizer_kwargs": {"learning_rate": settings["critic_lr"]},
+            "temperature_optimizer_kwargs": {"learning_rate": settings["temp_lr"]}, **settings["cql"]})
+        kwargs = config.to_dict()
+        for name in ("critic_network_kwargs", "policy_network_kwargs"):
+            kwargs[name] = {"hidden_dims": hidden, **network}
+        return agents[settings["pretraining"]].create(
+            rng=jax.random.PRNGKey(settings.get("seed", 0)), observations=batch["observations"][:1],
+            actions=batch["actions"][:1], encoder_def=None, **kwargs)
     return SACAgent.create(
         rng=jax.random.PRNGKey(settings.get("seed", 0)), observations=batch["observations"][:1],
         actions=batch["actions"][:1], encoder_def=None,
@@ -74,6 +94,14 @@ def changed_start(settings: dict, agent):
         critic["network"] = jax.tree_util.tree_map(lambda leaf: jnp.broadcast_to(leaf[:1], leaf.shape),
                                                    critic["network"])  # the vmapped trunks
         params["modules_critic"] = critic
+    if settings.get("ignore_actions"):  # the action rows of every trunk's first kernel
+        critic = dict(params["modules_critic"])
+        network = dict(critic["network"])
+        first = dict(network["Dense_0"])
+        first["kernel"] = first["kernel"].at[:, -batch_action_dim(settings):].set(0.0)
+        network["Dense_0"] = first
+        critic["network"] = network
+        params["modules_critic"] = critic
     if settings.get("log_std_bias") is not None:
         actor = dict(params["modules_actor"])
         head = actor["Dense_1"]
@@ -86,6 +114,10 @@ def changed_start(settings: dict, agent):
     state = state.replace(params=params, target_params=params,
                           opt_states={name: state.txs[name].init(params) for name in state.txs})
     return agent.replace(state=state)
+
+
+def batch_action_dim(settings: dict) -> int:
+    return settings["action_dim"]
 
 
 def outputs(agent, batch: dict) -> dict:
@@ -113,13 +145,19 @@ def run_case(settings: dict, batch: dict) -> dict:
     arrays = flatten({"init": {"params": agent.state.params, "target_params": agent.state.target_params}})
     arrays.update(flatten({"out": outputs(agent, batch)}))
     utd = settings["utd"]
-    updated, info = agent.update_high_utd(batch, utd_ratio=utd)
+
+    def step(agent):  # pre-training: finetune.py's offline `agent.update(batch)`
+        if settings.get("pretraining"):
+            return agent.update(batch, networks_to_update=set({"actor", "critic"}))
+        return agent.update_high_utd(batch, utd_ratio=utd)
+
+    updated, info = step(agent)
     arrays.update(flatten({"info": scalars(info),
                            "updated": {"params": updated.state.params, "target_params": updated.state.target_params}}))
     draws = []
     for index in range(settings.get("keys", 0)):
         keyed = agent.replace(state=agent.state.replace(rng=jax.random.PRNGKey(1000 + index)))
-        draws.append(scalars(keyed.update_high_utd(batch, utd_ratio=utd)[1]))
+        draws.append(scalars(step(keyed)[1]))
     if draws:
         arrays.update({f"dist/{name}": np.stack([np.asarray(d[name]) for d in draws]) for name in draws[0]})
     return jax.device_get(arrays)
@@ -134,7 +172,8 @@ def main(argv=None) -> None:
     jax.tree_map = jax.tree_util.tree_map  # the shim of the module docstring
 
     batch = {name: jnp.asarray(value) for name, value in subtree(load(args.input), "batch").items()}
-    batch = {name: batch[name] for name in ("observations", "actions", "rewards", "masks", "next_observations")}
+    batch = {name: batch[name] for name in ("observations", "actions", "rewards", "masks", "next_observations",
+                                            "mc_returns")}
     arrays = {}
     for settings in json.loads(args.config):
         case = run_case(settings, batch)

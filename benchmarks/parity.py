@@ -50,6 +50,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/parity.py`: make the 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import compare  # noqa: E402
+from common.cli import UserError, check  # noqa: E402
 from benchmarks.reference.parity_io import flatten, load, save, subtree, unflatten  # noqa: E402
 
 OUTPUT_TOLERANCE = (1e-5, 1e-5)  # (absolute, relative): the same float32 network on the same input
@@ -947,7 +948,18 @@ def emit(line: dict, json_out: str | None) -> None:
             file.write(text + "\n")
 
 
+def validate(args: ParityArgs) -> None:
+    """Every flag check, before anything is installed or run."""
+    check(args.keys >= 2, f"--keys must be at least 2 (a standard error needs two draws), got {args.keys}.")
+    check(args.z > 0, f"--z must be positive, got {args.z}.")
+    for name in ("batch_size", "observation_dim", "action_dim", "hidden"):
+        value = getattr(args, name)
+        check(value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+    check(args.timeout > 0, f"--timeout must be positive, got {args.timeout}.")
+
+
 def main(args: ParityArgs) -> int:
+    validate(args)
     references = list({PAIRS[name].reference.name: PAIRS[name].reference for name in args.algorithms}.values())
     if args.dry_run:
         for reference in references:
@@ -977,4 +989,8 @@ def main(args: ParityArgs) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(tyro.cli(ParityArgs)))
+    try:
+        sys.exit(main(tyro.cli(ParityArgs)))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -274,3 +274,15 @@ def test_wsrl_mapping_places_every_leaf_and_reports_per_member_heads():
         per_member[path] = np.broadcast_to(theirs[path], (members, *theirs[path].shape))
     check = parity.mapping_check("wsrl", "c", "m", parity.wsrl_mapping(per_member), fresh)
     assert not check.passed and f"critic/head/kernel theirs ({members}, {hidden}, 1) ours ({hidden}, 1)" in check.note
+
+
+def test_bad_flags_end_in_one_error_before_any_set_up(tmp_path):
+    import subprocess
+    import sys
+    completed = subprocess.run([sys.executable, "benchmarks/parity.py", "--keys", "1", "--cache-dir", str(tmp_path)],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines()[-1] == "error: --keys must be at least 2 (a standard error needs two draws), got 1."
+    assert not any(tmp_path.iterdir())  # nothing cloned or installed
+    with pytest.raises(parity.UserError, match="--hidden must be at least 1"):
+        parity.main(dataclasses.replace(ARGS, hidden=0, cache_dir=str(tmp_path)))

@@ -14,10 +14,19 @@ cannot be mapped leaf for leaf is itself reported), feeds our update the same ba
     over `--keys` random keys per side, the two means must lie within `--z` standard errors of
     their difference.
 
+Pairs (ours: the official code): rlpd.py: ikostrikov/rlpd SACLearner; cql.py (--recipe jaxcql)
+and calql.py: nakamotoo/Cal-QL JaxCQL ConservativeSAC without and with enable_calql; iql.py:
+ikostrikov/implicit_q_learning Learner; wsrl.py (fine-tuning and pre-training updates):
+zhouzypaul/wsrl SACAgent.update_high_utd and CalQLAgent / CQLAgent.update. docs/parity.md gives
+the parameter mappings and the shims each driver needs.
+
 Randomness is removed where the algorithm allows, so that it can neither hide a difference nor
 raise a false alarm: the actor's log-std output layer is set to kernel 0 and a bias below the
-log-std clip (every tanh-Gaussian sample is then tanh(mean) up to e^-20), the temperature to e^-30
-where that isolates the critic and actor, and the critic subset to the whole ensemble.
+log-std clip (every tanh-Gaussian sample is then tanh(mean) up to the clipped std), the
+temperature to e^-30 where that isolates the critic and actor, the critic subset to the whole
+ensemble (or every critic a copy of the first, where the subset is always drawn), and for CQL's
+penalty critics that ignore the action, so that the uniform random actions give known values.
+These change the initial parameters only; the official update runs as it is.
 
     python benchmarks/parity.py                         # every algorithm, one JSON line per check, then a table
     python benchmarks/parity.py --algorithms rlpd --keys 200

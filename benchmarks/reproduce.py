@@ -17,9 +17,8 @@ state is read from the run folder alone (common/run.py): a checkpoint whose `pro
 is true is done and skipped; any other checkpoint is resumed with `--resume RUN_DIR`; a run folder
 with no checkpoint yet (killed within its first minutes) is moved to `.abandoned/` and started
 afresh. So running the same command again after a crash, a Ctrl-C or a pre-emption finishes the
-interrupted runs and redoes nothing. A WSRL slot also holds the run folder of the pre-training that
-wsrl.py runs in-process; a stopped one is resumed on its own, then fine-tuned with `--pretrained`
-(PRETRAINING_RUNS). A slot records the command it was started with
+interrupted runs and redoes nothing (wsrl.py and off2on.py pre-train inside their own run folder,
+which resumes as any other). A slot records the command it was started with
 (`command.json`); a table whose flags have changed since refuses to mix the two.
 
 Runs that a SIGTERM / SIGINT stops (the runner forwards them to its children, and a child whose
@@ -79,8 +78,8 @@ EXIT_STOPPED = 3  # common/cli.py: stopped by a signal after writing its checkpo
 # The one place where a table's two lengths become flags: algorithm -> (flag of `offline_steps`,
 # flag of `online_steps`). A table keeps the same two fields for every algorithm; what they mean
 # is each script's: offline gradient updates then environment steps, except
-#   wsrl:   offline_steps = the updates of its in-process Cal-QL / CQL pre-training (--pretrain-steps;
-#           wsrl.py has no --offline-steps), online_steps = fine-tuning environment steps;
+#   wsrl:   offline_steps = the updates of its Cal-QL / CQL pre-training, online_steps = fine-tuning
+#           environment steps;
 #   off2on: offline_steps = pre-training updates of each of the N CQL agents (all N in one vmapped
 #           update), online_steps = fine-tuning environment steps (a multiple of --epoch-steps, 1000).
 STEP_FLAGS: dict[str, tuple[str, str]] = {
@@ -88,16 +87,10 @@ STEP_FLAGS: dict[str, tuple[str, str]] = {
     "iql": ("--offline-steps", "--online-steps"),
     "cql": ("--offline-steps", "--online-steps"),
     "calql": ("--offline-steps", "--online-steps"),
-    "wsrl": ("--pretrain-steps", "--online-steps"),
+    "wsrl": ("--offline-steps", "--online-steps"),
     "off2on": ("--offline-steps", "--online-steps"),
 }
 ALGORITHMS = tuple(STEP_FLAGS)
-# Scripts that first run another script's run in-process, in the same slot: wsrl.py its Cal-QL or CQL
-# pre-training (a run folder `calql__...` / `cql__...` beside its own). A slot whose pre-training was
-# stopped resumes that run on its own (`calql.py --resume`), then starts the fine-tuning with
-# `--pretrained` on it, so a stop during hours of pre-training loses nothing. (off2on.py pre-trains
-# inside its own run folder, which resumes as any other.)
-PRETRAINING_RUNS: dict[str, tuple[str, ...]] = {"wsrl": ("calql", "cql")}
 # Flags a table may not set: the runner sets them (or, --pretrained, a table runs from scratch).
 RUNNER_FLAGS = ("--env", "--seed", "--log-dir", "--resume", "--progress", "--pretrained",
                 *sorted({flag for flags in STEP_FLAGS.values() for flag in flags}))
@@ -297,14 +290,12 @@ def fresh_command(table: Table, env: str, seed: int, slot: Path) -> list[str]:
             *table.flags, "--log-dir", str(slot), "--progress", "False"]
 
 
-def resume_command(table: Table, run_dir: Path, script: str | None = None) -> list[str]:
-    """`script`: another script's run in the slot (a stopped pre-training); default the table's."""
-    return ["python", f"algorithms/{script or table.algorithm}.py", "--resume", str(run_dir), "--progress", "False"]
+def resume_command(table: Table, run_dir: Path) -> list[str]:
+    return ["python", f"algorithms/{table.algorithm}.py", "--resume", str(run_dir), "--progress", "False"]
 
 
 def run_folders(slot: Path, algorithm: str | None = None) -> list[Path]:
-    """The run folders in a slot; with `algorithm`, only that script's (a WSRL run may leave the
-    run folder of its in-process pre-training beside its own)."""
+    """The run folders in a slot; with `algorithm`, only that script's."""
     if not slot.is_dir():
         return []
     return sorted(path for path in slot.iterdir() if path.is_dir() and (path / CONFIG_FILE).is_file()
@@ -364,40 +355,18 @@ class Task:
     def state(self) -> SlotState:
         return slot_state(self.slot, self.table.algorithm)
 
-    def pretraining_state(self) -> SlotState:
-        """The slot's pre-training run (PRETRAINING_RUNS): done, interrupted, or pending (none to use)."""
-        best = SlotState("pending")
-        for script in PRETRAINING_RUNS.get(self.table.algorithm, ()):
-            state = slot_state(self.slot, script)
-            if state.status == "done":
-                return state
-            if state.status == "interrupted" and (best.status == "pending" or state.step > best.step):
-                best = state
-        return best
-
     def command(self, state: SlotState | None = None) -> list[str] | None:
         state = state or self.state()
         if state.status == "done":
             return None
         if state.status == "interrupted":
             return resume_command(self.table, state.run_dir)
-        pretraining = self.pretraining_state()
-        if pretraining.status == "interrupted":  # finish the stopped pre-training first
-            return resume_command(self.table, pretraining.run_dir, script=pretraining.run_dir.name.split("__")[0])
-        command = fresh_command(self.table, self.env, self.seed, self.slot)
-        if pretraining.status == "done":  # fine-tune it rather than pre-train again
-            command += ["--pretrained", str(pretraining.run_dir)]
-        return command
+        return fresh_command(self.table, self.env, self.seed, self.slot)
 
     def describe(self, state: SlotState | None = None) -> str:
         """The slot's state in words (dry run)."""
         state = state or self.state()
-        text = state.status + (f" (step {state.step})" if state.run_dir else "")
-        if state.status == "pending" and self.table.algorithm in PRETRAINING_RUNS:
-            pretraining = self.pretraining_state()
-            if pretraining.run_dir is not None:
-                text += f"; pre-training {pretraining.status} (step {pretraining.step}): {pretraining.run_dir.name}"
-        return text
+        return state.status + (f" (step {state.step})" if state.run_dir else "")
 
     def check_settings(self) -> None:
         """A slot started with other settings (the table changed since) is not silently mixed in."""
@@ -452,7 +421,7 @@ def segment_start(task: Task, state: SlotState, command: list[str]) -> str:
         progress = read_progress(run_dir) or {}
         step = int(progress.get("offline_step", 0)) + int(progress.get("online_step", 0))
         return f"segment starts: resuming {run_dir.name} from its checkpoint at step {step}"
-    return "segment starts: a fresh run" + (" (fine-tuning the finished pre-training)" if "--pretrained" in command else "")
+    return "segment starts: a fresh run"
 
 
 def segment_end(task: Task, code: int) -> str:
@@ -484,16 +453,12 @@ def execute(task: Task, env: dict[str, str] | None = None, on_start=None) -> int
     try:
         task.check_settings()
         previous = None
-        while True:  # one step, or two where a stopped pre-training is finished first (PRETRAINING_RUNS)
+        while True:  # normally one segment; the loop guards a run that exits 0 unfinished
             state = task.state()
             if state.status == "done":
                 return 0
-            if state.status == "pending":
-                # killed before its first checkpoint: nothing to resume (a pre-training run with a
-                # checkpoint is kept: it is resumed or fine-tuned)
-                abandoned = run_folders(task.slot, task.table.algorithm) + [
-                    run_dir for script in PRETRAINING_RUNS.get(task.table.algorithm, ())
-                    for run_dir in run_folders(task.slot, script) if read_progress(run_dir) is None]
+            if state.status == "pending":  # killed before its first checkpoint: nothing to resume
+                abandoned = run_folders(task.slot, task.table.algorithm)
                 if abandoned:
                     (task.slot / ".abandoned").mkdir(exist_ok=True)
                     for run_dir in abandoned:

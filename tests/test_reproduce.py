@@ -96,9 +96,9 @@ def parse_with_the_script(command: list[str]):
 
 
 def test_every_table_command_is_accepted_by_its_script_with_the_steps_in_the_right_flags(tmp_path):
-    """Each table's first run, as the runner would start it, parsed by the script it calls: wsrl's
-    pre-training length goes to --pretrain-steps (it has no --offline-steps), off2on's to --offline-steps."""
-    assert reproduce.STEP_FLAGS["wsrl"] == ("--pretrain-steps", "--online-steps")
+    """Each table's first run, as the runner would start it, parsed by the script it calls: wsrl's and
+    off2on's pre-training lengths go to --offline-steps, their fine-tuning to --online-steps."""
+    assert reproduce.STEP_FLAGS["wsrl"] == ("--offline-steps", "--online-steps")
     assert reproduce.STEP_FLAGS["off2on"] == ("--offline-steps", "--online-steps")
     seen = set()
     for path in reproduce.table_paths():
@@ -112,16 +112,9 @@ def test_every_table_command_is_accepted_by_its_script_with_the_steps_in_the_rig
         assert (args.env, args.seed, args.log_dir, args.progress) == (run["env"], 3, str(tmp_path / "slot"), False)
         seen.add(table.algorithm)
     assert {"wsrl", "off2on"} <= seen
-    # the resume command too (its run folder need not exist to be parsed), and the fine-tuning of a
-    # finished pre-training in the slot, and the resume of a stopped one
+    # the resume command too (its run folder need not exist to be parsed)
     table = reproduce.load_table("wsrl-antmaze")
     assert parse_with_the_script(reproduce.resume_command(table, tmp_path / "run")).resume == str(tmp_path / "run")
-    task = reproduce.Task(table, "antmaze-umaze", 0, tmp_path / "slot")
-    pretraining = fake_run(task.slot, [0, 100], [1.0, 2.0], finished=False, name="calql__antmaze__0__t")
-    assert parse_with_the_script(task.command()).resume == str(pretraining)
-    fake_run(task.slot, [0, 100], [1.0, 2.0], finished=True, name="calql__antmaze__0__t2")
-    args = parse_with_the_script(task.command())
-    assert args.pretrained == str(task.slot / "calql__antmaze__0__t2") and args.online_steps == table.online_steps
 
 
 def test_rows_without_a_dataset_are_listed_but_never_run(tmp_path):
@@ -152,7 +145,7 @@ def test_rows_without_a_dataset_are_listed_but_never_run(tmp_path):
     ({"published": None}, "exactly one of 'published'"),
     ({"both": True}, "exactly one of 'published'"),
     ({"flags": ["--seed", "3"]}, "the runner sets it"),
-    ({"flags": ["--pretrain-steps", "5"]}, "the runner sets it"),
+    ({"flags": ["--online-steps", "5"]}, "the runner sets it"),
 ])
 def test_a_table_without_provenance_or_with_runner_flags_is_refused(tmp_path, change, message):
     path = write_table(tmp_path, "local/x", flags=change.get("flags", TINY_FLAGS))
@@ -200,8 +193,8 @@ def test_slot_state_reads_completion_from_the_checkpoint(tmp_path):
     (tmp_path / "slot" / "iql__no-checkpoint-yet").mkdir(parents=True)
     (tmp_path / "slot" / "iql__no-checkpoint-yet" / "config.json").write_text("{}")
     assert task.state().status == "pending"  # nothing to resume
-    fake_run(tmp_path / "slot", [0, 100], [1.0, 2.0], finished=True, name="calql__x__0__pretraining")
-    assert task.state().status == "pending"  # another script's run folder (WSRL's pre-training) is not this run
+    fake_run(tmp_path / "slot", [0, 100], [1.0, 2.0], finished=True, name="calql__x__0__other")
+    assert task.state().status == "pending"  # another script's run folder is not this run
 
     run_dir = fake_run(tmp_path / "slot", [0, 100], [1.0, 2.0], finished=False)
     assert reproduce.read_progress(run_dir)["offline_step"] == 100
@@ -230,8 +223,9 @@ def test_dry_run_prints_commands_and_refuses_a_slot_started_with_other_settings(
     assert result.returncode == 2 and "was started with other settings" in result.stderr
 
 
-# A table's script that pre-trains in-process first (wsrl.py): the stopped pre-training is resumed
-# on its own, then fine-tuned with --pretrained; it is never started again from zero.
+# A table's script that pre-trains first (wsrl.py, off2on.py) does so inside its own run folder: a
+# stopped run, in either phase, is resumed by its own script, and one killed before its first
+# checkpoint is set aside and started afresh.
 
 FAKE_SCRIPT = """import json, sys
 from pathlib import Path
@@ -250,33 +244,31 @@ with open(run_dir.parent / "calls.txt", "a") as calls:
 """
 
 
-def test_a_stopped_wsrl_pretraining_is_resumed_then_fine_tuned_not_started_again(tmp_path, monkeypatch):
+def test_a_wsrl_slot_resumes_its_own_run_in_pre_training_and_restarts_one_without_a_checkpoint(tmp_path, monkeypatch):
     table = reproduce.load_table("wsrl-kitchen")
     task = reproduce.Task(table, "kitchen-mixed", 0, tmp_path / "slot")
     fresh = reproduce.fresh_command(table, "kitchen-mixed", 0, task.slot)
-    assert task.command() == fresh and "--pretrain-steps" in fresh  # nothing yet: pre-train in-process
-    pretraining = fake_run(task.slot, [0, 100], [1.0, 2.0], finished=False, name="calql__kitchen__0__t")
-    assert task.state().status == "pending"
-    assert task.command() == ["python", "algorithms/calql.py", "--resume", str(pretraining), "--progress", "False"]
-    assert "pre-training interrupted (step 100)" in task.describe()
+    assert task.command() == fresh and "--offline-steps" in fresh and "--pretrained" not in fresh
+    stopped = fake_run(task.slot, [0, 100], [1.0, 2.0], finished=False, name="wsrl__kitchen__0__t")
+    assert task.state().status == "interrupted"  # stopped during its pre-training (offline step 100)
+    assert task.command() == ["python", "algorithms/wsrl.py", "--resume", str(stopped), "--progress", "False"]
 
-    # the runner resumes the pre-training, then fine-tunes it, in one call (scripts stand in for calql/wsrl)
     fake_repo = tmp_path / "repo"
     (fake_repo / "algorithms").mkdir(parents=True)
-    for name in ("calql", "wsrl"):
-        (fake_repo / "algorithms" / f"{name}.py").write_text(FAKE_SCRIPT.format(name=name))
+    (fake_repo / "algorithms" / "wsrl.py").write_text(FAKE_SCRIPT.format(name="wsrl"))
     monkeypatch.setattr(reproduce, "REPO", fake_repo)
-    (task.slot / "wsrl__killed-before-its-checkpoint").mkdir()
-    (task.slot / "wsrl__killed-before-its-checkpoint" / "config.json").write_text("{}")
     assert reproduce.execute(task) == 0
-    calls = (task.slot / "calls.txt").read_text().splitlines()
-    assert calls == [f"calql --resume {pretraining} --progress False",
-                     "wsrl " + " ".join([*fresh[2:], "--pretrained", str(pretraining)])]
+    assert (task.slot / "calls.txt").read_text().splitlines() == [f"wsrl --resume {stopped} --progress False"]
     assert task.state().status == "done" and task.command() is None
-    assert (task.slot / ".abandoned" / "wsrl__killed-before-its-checkpoint").is_dir()
-    assert json.loads((task.slot / reproduce.COMMAND_FILE).read_text())["command"] == fresh
-    log = (task.slot / reproduce.LOG_FILE).read_text()
-    assert log.index("algorithms/calql.py --resume") < log.index("algorithms/wsrl.py --env kitchen-mixed")
+
+    other = reproduce.Task(table, "kitchen-partial", 0, tmp_path / "slot2")
+    (other.slot / "wsrl__killed-before-its-checkpoint").mkdir(parents=True)
+    (other.slot / "wsrl__killed-before-its-checkpoint" / "config.json").write_text("{}")
+    assert reproduce.execute(other) == 0
+    assert (other.slot / ".abandoned" / "wsrl__killed-before-its-checkpoint").is_dir()
+    fresh_other = reproduce.fresh_command(table, "kitchen-partial", 0, other.slot)
+    assert (other.slot / "calls.txt").read_text().splitlines() == ["wsrl " + " ".join(fresh_other[2:])]
+    assert json.loads((other.slot / reproduce.COMMAND_FILE).read_text())["command"] == fresh_other
 
 
 # ---------------------------------------------------------------------------------------------

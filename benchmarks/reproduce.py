@@ -95,17 +95,17 @@ ALGORITHMS = tuple(STEP_FLAGS)
 RUNNER_FLAGS = ("--env", "--seed", "--log-dir", "--resume", "--progress", "--pretrained",
                 *sorted({flag for flags in STEP_FLAGS.values() for flag in flags}))
 
-# Measured update throughput on this project's 2-core CPU (README, Speed), steps per second of each
+# Measured update throughput on this project's 2-core CPU (docs/speed.md), steps per second of each
 # phase: (algorithm, domain) -> (offline steps/s, online steps/s, where it was measured). No GPU
 # figure exists yet: the GPU column of `list` says so instead of guessing.
 CPU_RATES: dict[tuple[str, str], tuple[float | None, float | None, str]] = {
-    ("rlpd", "antmaze"): (None, 2.5, "README Speed: E=10 3x256 G=20, 2.5 env steps/s"),
-    ("rlpd", "locomotion"): (None, 4.3, "README Speed: E=10 2x256 G=20, 4.3 env steps/s"),
-    ("iql", "antmaze"): (144.0, None, "README offline updates: 144 updates/s"),
-    ("cql", "antmaze"): (5.2, None, "README offline updates: 5.2 updates/s"),
-    ("calql", "antmaze"): (5.0, None, "README offline updates: 5.0 updates/s"),
-    ("iql", "pointmaze"): (134.0, 134.0, "README Run: 40k + 40k steps of the pointmaze preset in 9 min 56 s"),
-    ("off2on", "locomotion"): (1.6, 15.4, "README Off2On speed: 1.6 vmapped updates of 5 CQL members/s, 15.4 env steps/s"),
+    ("rlpd", "antmaze"): (None, 2.5, "docs/speed.md: E=10 3x256 G=20, 2.5 env steps/s"),
+    ("rlpd", "locomotion"): (None, 4.3, "docs/speed.md: E=10 2x256 G=20, 4.3 env steps/s"),
+    ("iql", "antmaze"): (144.0, None, "docs/speed.md offline updates: 144 updates/s"),
+    ("cql", "antmaze"): (5.2, None, "docs/speed.md offline updates: 5.2 updates/s"),
+    ("calql", "antmaze"): (5.0, None, "docs/speed.md offline updates: 5.0 updates/s"),
+    ("iql", "pointmaze"): (134.0, 134.0, "docs/algorithms/iql.md no-argument run: 40k + 40k steps of the pointmaze preset in 9 min 56 s"),
+    ("off2on", "locomotion"): (1.6, 15.4, "docs/algorithms/off2on.md speed: 1.6 vmapped updates of 5 CQL members/s, 15.4 env steps/s"),
 }
 
 
@@ -262,9 +262,9 @@ def list_tables(out=sys.stdout) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip(), file=out)
         if index == 0:
             print("  ".join("-" * width for width in widths), file=out)
-    print("\nCPU hours: this project's 2-core CPU at the throughput measured in README (Speed); \"not measured\" "
+    print("\nCPU hours: this project's 2-core CPU at the throughput measured in docs/speed.md; \"not measured\" "
           "where no figure exists (none is guessed). IQL, CQL and Cal-QL online steps are counted at their offline update rate (environment steps "
-          "and evaluations left out), so their figures are lower bounds.\nGPU hours: no GPU has been lent to this work, so none is measured; none is guessed.\n"
+          "and evaluations left out), so their figures are lower bounds.\nGPU hours: not measured on a GPU yet; none is guessed.\n"
           "runs = datasets x the table's default seed count (`run --seeds N` changes it). \"+N no data\": rows of "
           "the paper whose dataset has no successor yet (`dataset_missing` in the table); they are not run.", file=out)
 

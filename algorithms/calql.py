@@ -99,6 +99,9 @@ from common import run as harness
 from common.cli import check, run_cli
 
 ALGORITHM = "calql"
+# Updates per jitted call between looks for a stop signal: about 1 s at the AntMaze preset (4x256
+# critics, batch 256: 5 updates/s on a 2-core CPU), so a stop reaches its checkpoint within seconds.
+STOP_CHECK_UPDATES = 5
 
 
 @tyro.conf.configure(tyro.conf.FlagConversionOff)  # every boolean flag takes a value: --progress False
@@ -797,21 +800,29 @@ def offline_phase(run: Run) -> None:
     Whatever is logged at a step is logged before a checkpoint at that step, so a resumed run
     redoes exactly what came after its checkpoint.
     """
-    args, progress = run.args, run.session.progress
-    if progress.offline_step == 0 and args.offline_steps > 0:
+    args, progress, session = run.args, run.session.progress, run.session
+    if progress.offline_step == 0 and args.offline_steps > 0 and not session.evaluated_at(0):
         run.evaluate("offline", 0)
+
+    def chunk(num_updates: int):
+        run.agent, info = run.train_offline(run.agent, run.offline, num_updates)
+        return info
+
     while progress.offline_step < args.offline_steps:
         next_eval = (progress.offline_step // args.eval_every + 1) * args.eval_every
-        chunk = min(next_eval, args.offline_steps, progress.offline_step + args.log_every) - progress.offline_step
-        run.agent, info = run.train_offline(run.agent, run.offline, chunk)
-        progress.offline_step += chunk
-        run.session.logger.advance(chunk)
-        run.session.log_training(info, progress.offline_step)
+        next_log = (progress.offline_step // args.log_every + 1) * args.log_every
+        wanted = min(next_eval, args.offline_steps, next_log) - progress.offline_step
+        done, info = session.updates(wanted, chunk, STOP_CHECK_UPDATES)
+        progress.offline_step += done
+        session.logger.advance(done)
+        if done < wanted:  # a stop: checkpoint now, mid-chunk (the resumed run finishes the chunk)
+            run.checkpoint(progress.offline_step)
+        session.log_training(info, progress.offline_step)
         if progress.offline_step == args.offline_steps:
             break  # the phase-end evaluation opens the online phase
         if progress.offline_step % args.eval_every == 0:
             run.evaluate("offline", progress.offline_step)
-        if run.session.checkpoint_due(progress.offline_step):
+        if session.checkpoint_due(progress.offline_step):
             run.checkpoint(progress.offline_step)
 
 
@@ -847,12 +858,22 @@ def online_phase(run: Run) -> None:
 
     Checkpoints fall after a trajectory's updates. A stop signal cuts the trajectory being
     collected: its rows are saved with the updates they are owed, which a resumed run does first
-    (the cut episode is not continued: the simulator's state is not saved).
+    (the cut episode is not continued: the simulator's state is not saved). The updates run in
+    pieces of STOP_CHECK_UPDATES; a stop between pieces saves the rest as owed. (A run resumed
+    that way knows only the rest, so it logs that trajectory's training scalars only if the rest
+    alone crosses a multiple of --log-every.)
     """
     args, progress, session, base = run.args, run.session.progress, run.session, run.args.offline_steps
-    if progress.online_step == 0:  # the phase starts (online checkpoints all have online_step > 0)
+    if progress.online_step == 0 and not session.evaluated_at(base):  # the phase starts
         run.evaluate("online" if args.offline_steps == 0 else "offline", base)
+    if session.stop_requested and progress.online_step == 0:
+        run.checkpoint(base)  # before the first action moves the agent (an owed evaluation is of this one)
     session.logger.new_phase("online")
+
+    def chunk(num_updates: int):
+        run.agent, info = run.train_online(run.agent, run.offline, run.online, num_updates)
+        return info
+
     while progress.online_step < args.online_steps or progress.pending_updates:
         if not progress.pending_updates:
             start = progress.online_step
@@ -862,9 +883,11 @@ def online_phase(run: Run) -> None:
             if session.stop_requested:
                 run.checkpoint(base + progress.online_step)  # ends the run; the updates are owed
         start = progress.online_step - progress.pending_updates // args.utd
-        run.agent, info = run.train_online(run.agent, run.offline, run.online, progress.pending_updates)
-        progress.pending_updates = 0
+        done, info = session.updates(progress.pending_updates, chunk, STOP_CHECK_UPDATES)
+        progress.pending_updates -= done
         step = base + progress.online_step
+        if progress.pending_updates:  # a stop between pieces
+            run.checkpoint(step)  # ends the run; the rest of the trajectory's updates are owed
         if start == 0 or progress.online_step // args.log_every > start // args.log_every:
             session.log_training(info, step)
         if progress.online_step == args.online_steps:
@@ -883,7 +906,7 @@ def main(args: Args) -> str | None:
         offline_phase(run)
         online_phase(run)
 
-    run.session.run(phases, lambda: run.checkpoint(run.args.offline_steps + run.args.online_steps))
+    run.session.run(phases, lambda: run.checkpoint(run.args.offline_steps + run.args.online_steps), run.evaluate)
     return run.session.run_dir
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import tyro
 
-from algorithms import iql
+from algorithms import calql, cql, iql, wsrl
 from benchmarks import local_slurm, reproduce
 from common import checkpoint
 from common import run as harness
@@ -37,6 +37,13 @@ from tests.conftest import REPO, scores
 from tests.test_reproduce import fake_run, reproduce_cli, write_table
 
 TINY_IQL = ["--hidden-dims", "32", "32", "--batch-size", "32", "--eval-episodes", "2", "--progress", "False"]
+TINY_CQL = ["--actor-hidden-dims", "32", "32", "--critic-hidden-dims", "32", "32", "--batch-size", "32",
+            "--cql-n-actions", "4", "--eval-episodes", "2", "--progress", "False"]
+TINY_WSRL = ["--actor-hidden-dims", "32", "32", "--critic-hidden-dims", "32", "32", "--ensemble-size", "4",
+             "--offline-batch-size", "32", "--batch-size", "32", "--cql-n-actions", "4", "--warmup-steps", "0",
+             "--eval-episodes", "2", "--progress", "False"]
+# each script with its tiny flags: every one runs its offline updates through Session.updates
+SCRIPTS = {"iql": (iql, TINY_IQL), "cql": (cql, TINY_CQL), "calql": (calql, TINY_CQL), "wsrl": (wsrl, TINY_WSRL)}
 
 
 def agent_leaves(run_dir: Path) -> list[np.ndarray]:
@@ -54,13 +61,15 @@ def assert_same_agent(first: Path, second: Path) -> None:
 # Stops within seconds, resumed exactly (no cluster)
 
 
-def test_sigusr2_stops_a_script_within_seconds_even_inside_a_long_chunk(tiny_pointmaze, tmp_path):
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_sigusr2_stops_a_script_within_seconds_even_inside_a_long_chunk(name, tiny_pointmaze, tmp_path):
     """One 1M-update chunk (log and evaluation every 1M): before, a stop waited for the whole chunk
-    (minutes here) and SIGUSR2 killed the script with no checkpoint at all."""
-    process = subprocess.Popen([sys.executable, "algorithms/iql.py", "--env", tiny_pointmaze, "--offline-steps", "1000000",
-                                "--online-steps", "0", "--log-every", "1000000", "--eval-every", "1000000", *TINY_IQL,
-                                "--log-dir", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    (minutes to hours here) and SIGUSR2 killed the script with no checkpoint at all."""
+    module, tiny = SCRIPTS[name]
+    process = subprocess.Popen([sys.executable, f"algorithms/{name}.py", "--env", tiny_pointmaze, "--offline-steps",
+                                "1000000", "--online-steps", "0", "--log-every", "1000000", "--eval-every", "1000000",
+                                *tiny, "--log-dir", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None and not [
             path for path in tmp_path.glob("*/evaluations.jsonl") if path.read_text().strip()]:
@@ -68,15 +77,17 @@ def test_sigusr2_stops_a_script_within_seconds_even_inside_a_long_chunk(tiny_poi
     time.sleep(5.0)  # the evaluation at step 0 is written: now in the chunk's compilation or its updates
     sent = time.monotonic()
     process.send_signal(signal.SIGUSR2)
-    while process.poll() is None and not list(tmp_path.glob(f"*/{CHECKPOINT_FILE}")):
+    while process.poll() is None and not list(tmp_path.glob(f"*/{CHECKPOINT_FILE}")) and time.monotonic() - sent < 60:
         time.sleep(0.02)
     latency = time.monotonic() - sent
+    if latency >= 60:
+        process.kill()  # still inside its chunk: the assertions below fail
     out, err = process.communicate(timeout=120)
     assert process.returncode == EXIT_STOPPED, out + err
     assert "SIGUSR2 received (a scheduler's time-limit warning)" in out and "stopped by SIGUSR2" in err
     (run_dir,) = [path.parent for path in tmp_path.glob("*/config.json")]
     progress = checkpoint.load(str(run_dir / CHECKPOINT_FILE))["progress"]
-    assert progress["offline_step"] < 1_000_000 and progress["offline_step"] % iql.STOP_CHECK_UPDATES == 0, out + err
+    assert progress["offline_step"] < 1_000_000 and progress["offline_step"] % module.STOP_CHECK_UPDATES == 0, out + err
     assert latency < 10.0, f"{latency:.1f} s from SIGUSR2 to the checkpoint on disk"
 
 
@@ -93,31 +104,89 @@ def reference_run(tiny_pointmaze, tmp_path_factory):
 
 
 def run_iql(flags: list[str], log_dir: Path) -> Path:
-    iql.main(tyro.cli(iql.Args, args=[*flags, "--log-dir", str(log_dir)]))
+    return run_main(iql, flags, log_dir)
+
+
+def run_main(module, flags: list[str], log_dir: Path) -> Path:
+    module.main(tyro.cli(module.Args, args=[*flags, "--log-dir", str(log_dir)]))
     (run_dir,) = [path.parent for path in log_dir.glob("*/config.json")]
     return run_dir
 
 
-def test_a_stop_mid_chunk_checkpoints_there_and_resumes_exactly(reference_run, tmp_path, monkeypatch):
-    flags, reference = reference_run
-    monkeypatch.setattr(iql, "STOP_CHECK_UPDATES", 50)
+@pytest.fixture(scope="module")
+def references(tiny_pointmaze, tmp_path_factory):
+    """reference(name, flags): the run folder of an uninterrupted run of SCRIPTS[name] with the
+    script's own pieces, made once per module and flags."""
+    made = {}
+
+    def reference(name: str, flags: list[str]) -> Path:
+        key = (name, tuple(flags))
+        if key not in made:
+            made[key] = run_main(SCRIPTS[name][0], flags, tmp_path_factory.mktemp(f"reference-{name}"))
+        return made[key]
+    return reference
+
+
+def stop_at_piece(monkeypatch, number: int, online: bool = False) -> None:
+    """SIGUSR2 during the `number`-th piece of Session.updates (counting only online pieces when
+    `online`), through the script's own handler."""
     pieces, original = [0], harness.Session.updates
 
-    def stop_after_three_pieces(session, total, call, piece):
+    def stopping(session, total, call, piece):
         def counted(size):
-            pieces[0] += 1
-            if pieces[0] == 3:
-                os.kill(os.getpid(), signal.SIGUSR2)  # the real signal, through the script's handler
+            if session.progress.online_step > 0 or not online:
+                pieces[0] += 1
+                if pieces[0] == number:
+                    os.kill(os.getpid(), signal.SIGUSR2)  # the real signal, through the script's handler
             return call(size)
         return original(session, total, counted, piece)
 
-    monkeypatch.setattr(harness.Session, "updates", stop_after_three_pieces)
+    monkeypatch.setattr(harness.Session, "updates", stopping)
+
+
+def stop_and_resume(module, flags: list[str], tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
+    """Run until the stop, check it ends in RunStopped, resume with the real Session.updates;
+    returns (run folder, the stopped run's checkpointed progress)."""
     with pytest.raises(RunStopped, match="stopped by SIGUSR2"):
-        run_iql(flags, tmp_path / "stopped")
+        run_main(module, flags, tmp_path / "stopped")
     (run_dir,) = [path.parent for path in (tmp_path / "stopped").glob("*/config.json")]
-    assert checkpoint.load(str(run_dir / CHECKPOINT_FILE))["progress"]["offline_step"] == 150  # mid-chunk
-    monkeypatch.setattr(harness.Session, "updates", original)
-    iql.main(iql.Args(resume=str(run_dir)))
+    progress = checkpoint.load(str(run_dir / CHECKPOINT_FILE))["progress"]
+    monkeypatch.undo()  # the script's own pieces and the real Session.updates
+    module.main(module.Args(resume=str(run_dir)))
+    return run_dir, progress
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_a_stop_mid_chunk_checkpoints_there_and_resumes_exactly(name, tiny_pointmaze, references, tmp_path,
+                                                                monkeypatch):
+    """600 offline updates (chunks of 300) in pieces of 50, stopped in the third: the checkpoint
+    is at update 150, and the resumed run (the script's own pieces) equals an uninterrupted one."""
+    module, tiny = SCRIPTS[name]
+    flags = ["--env", tiny_pointmaze, "--offline-steps", "600", "--online-steps", "0", "--eval-every", "300",
+             "--log-every", "300", *tiny]
+    reference = references(name, flags)
+    monkeypatch.setattr(module, "STOP_CHECK_UPDATES", 50)
+    stop_at_piece(monkeypatch, 3)
+    run_dir, progress = stop_and_resume(module, flags, tmp_path, monkeypatch)
+    assert progress["offline_step"] == 150  # mid-chunk
+    assert scores(run_dir) == scores(reference)
+    assert_same_agent(run_dir, reference)
+
+
+@pytest.mark.parametrize("name", ["cql", "calql"])
+def test_a_stop_between_a_trajectorys_update_pieces_owes_the_rest(name, tiny_pointmaze, references, tmp_path,
+                                                                  monkeypatch):
+    """CQL and Cal-QL update after each trajectory (utd x its length, 300 here): stopped in the
+    second piece of 50, the checkpoint owes the other 200 updates; the resumed run does them first
+    and equals an uninterrupted run."""
+    module, tiny = SCRIPTS[name]
+    flags = ["--env", tiny_pointmaze, "--offline-steps", "50", "--online-steps", "400", "--eval-every", "200",
+             "--log-every", "100", *tiny]
+    reference = references(name, flags)
+    monkeypatch.setattr(module, "STOP_CHECK_UPDATES", 50)
+    stop_at_piece(monkeypatch, 2, online=True)
+    run_dir, progress = stop_and_resume(module, flags, tmp_path, monkeypatch)
+    assert (progress["online_step"], progress["pending_updates"]) == (300, 200)
     assert scores(run_dir) == scores(reference)
     assert_same_agent(run_dir, reference)
 

@@ -156,19 +156,40 @@ def stop_and_resume(module, flags: list[str], tmp_path: Path, monkeypatch) -> tu
     return run_dir, progress
 
 
+def offline_flags(name: str, dataset: str) -> list[str]:
+    return ["--env", dataset, "--offline-steps", "600", "--online-steps", "0", "--eval-every", "300",
+            "--log-every", "300", *SCRIPTS[name][1]]
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_a_stop_mid_chunk_checkpoints_there_and_resumes_exactly(name, tiny_pointmaze, references, tmp_path,
                                                                 monkeypatch):
     """600 offline updates (chunks of 300) in pieces of 50, stopped in the third: the checkpoint
     is at update 150, and the resumed run (the script's own pieces) equals an uninterrupted one."""
-    module, tiny = SCRIPTS[name]
-    flags = ["--env", tiny_pointmaze, "--offline-steps", "600", "--online-steps", "0", "--eval-every", "300",
-             "--log-every", "300", *tiny]
+    module, flags = SCRIPTS[name][0], offline_flags(name, tiny_pointmaze)
     reference = references(name, flags)
     monkeypatch.setattr(module, "STOP_CHECK_UPDATES", 50)
     stop_at_piece(monkeypatch, 3)
     run_dir, progress = stop_and_resume(module, flags, tmp_path, monkeypatch)
     assert progress["offline_step"] == 150  # mid-chunk
+    assert scores(run_dir) == scores(reference)
+    assert_same_agent(run_dir, reference)
+
+
+@pytest.mark.parametrize("name", ["cql", "calql", "wsrl"])
+def test_a_stop_in_the_last_piece_owes_the_phase_end_evaluation(name, tiny_pointmaze, references, tmp_path,
+                                                                 monkeypatch):
+    """The stop lands in the last of 12 pieces: the phase-end evaluation that opens the online
+    phase is not started, the checkpoint owes it (WSRL's: after the switch to the fine-tuning
+    agent), and the resumed run does it once, finishes, and equals an uninterrupted run."""
+    module, flags = SCRIPTS[name][0], offline_flags(name, tiny_pointmaze)
+    reference = references(name, flags)
+    monkeypatch.setattr(module, "STOP_CHECK_UPDATES", 50)
+    stop_at_piece(monkeypatch, 12)
+    run_dir, progress = stop_and_resume(module, flags, tmp_path, monkeypatch)
+    assert (progress["offline_step"], progress["owed_step"], progress["finished"]) == (600, 600, False)
+    assert checkpoint.load(str(run_dir / CHECKPOINT_FILE))["progress"]["finished"]
+    assert [record["step"] for record in read_evaluations(run_dir)] == [0, 300, 600]
     assert scores(run_dir) == scores(reference)
     assert_same_agent(run_dir, reference)
 

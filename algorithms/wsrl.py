@@ -86,10 +86,11 @@ from common import run as harness  # noqa: E402
 from common.cli import UserError, check, run_cli  # noqa: E402
 
 ALGORITHM = "wsrl"
-# Pre-training updates per jitted call between looks for a stop signal: one, about 1.5 s at the
-# AntMaze preset (10 critics of 4x256, batch 256) on a 2-core CPU, so a stop reaches its checkpoint
-# within seconds. (Online, a stop is looked for after every environment step.)
-STOP_CHECK_UPDATES = 1
+# Pre-training updates per jitted call between looks for a stop signal: about 2 to 4 s at the
+# AntMaze and Kitchen presets (10 critics of 4x256 or 3x512, batch 256) on a 2-core CPU, so a stop
+# reaches its checkpoint within seconds. Not 1: each call costs about one extra update's time, which
+# halves the speed of the small presets. (Online, a stop is looked for after every environment step.)
+STOP_CHECK_UPDATES = 2
 SQRT2 = float(np.sqrt(2.0))
 LOG_STD_RANGE = (float(np.log(1e-5)), float(np.log(10.0)))  # actor_critic_nets.py std_min, std_max
 PRETRAINED_FILE = os.path.join("checkpoints", "pretrained.msgpack")  # the agent at the end of pre-training

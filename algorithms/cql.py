@@ -83,7 +83,10 @@ the max-target backup; the BC warm start is the `--bc-steps` preset value.
 Deviations: none in the losses. The networks are JaxCQL's in both recipes, not rlkit's (whose
 actor has a separate log-std layer clipped to [-5, 2] and uniform(+-1e-3) output layers); the
 BC log-likelihood does not clamp the Gaussian mean to [-9, 9] as rlkit does; rlkit's max
-backup always samples 10 actions, here `--cql-n-actions` (10).
+backup always samples 10 actions, here `--cql-n-actions` (10). With `--recipe rlkit`, every loss
+comes from the pre-update parameters (above); rlkit steps the temperature first and uses the
+updated alpha in the policy loss, and takes the policy's gradient after the critics' in-place
+steps (which PyTorch >= 1.5 refuses: aviralkumar2907/CQL issue 5).
 
 Usage:
   python algorithms/cql.py                                   # local PointMaze data, built on first use

@@ -441,7 +441,12 @@ def test_each_online_trajectory_is_followed_by_utd_times_its_length_updates(modu
                      offline=offline, online=online, agent=agent, policy=module.deterministic_policy(config),
                      train_offline=train_offline, train_online=recording_train, act=act)
     module.online_phase(run)
-    assert calls == [(12, 4, 12, 12), (9, 7, 9, 9), (6, 9, 6, 6)]
+    assert all(n == critic == actor <= module.STOP_CHECK_UPDATES for n, _, critic, actor in calls)  # in pieces
+    per_trajectory = {}
+    for n, size, _, _ in calls:  # the online buffer's size tells which trajectory a piece follows
+        per_trajectory[size] = per_trajectory.get(size, 0) + n
+    assert per_trajectory == {4: 12, 7: 9, 9: 6}
+    assert [size for _, size, _, _ in calls] == sorted(size for _, size, _, _ in calls)
     assert int(run.agent.critic.step) == args.utd * args.online_steps
     np.testing.assert_array_equal(buffers.filled_rows(run.online)["masks"], [1, 1, 1, 0, 1, 1, 1, 1, 1])
 

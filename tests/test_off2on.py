@@ -371,9 +371,11 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(phase, ready, refere
 
 
 def test_a_stop_mid_epoch_keeps_the_owed_updates(reference_run, tiny_pointmaze, tmp_path, monkeypatch):
-    """A stop signal during the first epoch's updates (after 3 of its 5 chunks) checkpoints with
-    the 200 updates still owed; the resumed run does them first and ends as the uninterrupted one."""
+    """A stop signal during the first epoch's updates (after 3 of its 5 pieces of 100) checkpoints
+    with the 200 updates still owed; the resumed run (the script's own pieces) does them first and
+    ends as the uninterrupted one."""
     original = off2on.start_run
+    monkeypatch.setattr(off2on, "STOP_CHECK_FINE_TUNING_UPDATES", 100)
 
     def start_with_a_stop(args):
         run, calls = original(args), []
@@ -391,7 +393,7 @@ def test_a_stop_mid_epoch_keeps_the_owed_updates(reference_run, tiny_pointmaze, 
     monkeypatch.setattr(off2on, "start_run", start_with_a_stop)
     with pytest.raises(RunStopped):
         off2on.main(tyro.cli(off2on.Args, args=["--env", tiny_pointmaze, "--log-dir", str(tmp_path), *TINY]))
-    monkeypatch.setattr(off2on, "start_run", original)
+    monkeypatch.undo()
     (run_dir,) = tmp_path.iterdir()
     progress = checkpoint.load(f"{run_dir}/{CHECKPOINT_FILE}")["progress"]
     assert (progress["online_step"], progress["pending_updates"]) == (250, 200)

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import tyro
 
-from algorithms import calql, cql, iql, wsrl
+from algorithms import calql, cql, iql, off2on, rlpd, wsrl
 from benchmarks import local_slurm, reproduce
 from common import checkpoint
 from common import run as harness
@@ -42,8 +42,15 @@ TINY_CQL = ["--actor-hidden-dims", "32", "32", "--critic-hidden-dims", "32", "32
 TINY_WSRL = ["--actor-hidden-dims", "32", "32", "--critic-hidden-dims", "32", "32", "--ensemble-size", "4",
              "--offline-batch-size", "32", "--batch-size", "32", "--cql-n-actions", "4", "--warmup-steps", "0",
              "--eval-episodes", "2", "--progress", "False"]
+TINY_RLPD = ["--hidden-dims", "32", "32", "--num-qs", "4", "--batch-size", "32", "--eval-episodes", "2",
+             "--progress", "False"]
+TINY_OFF2ON = ["--actor-hidden-dims", "16", "16", "--critic-hidden-dims", "16", "16", "--density-hidden-dims", "16",
+               "16", "--ensemble-size", "2", "--batch-size", "32", "--density-batch-size", "32", "--cql-n-actions", "2",
+               "--bc-steps", "20", "--eval-episodes", "2", "--progress", "False"]
 # each script with its tiny flags: every one runs its offline updates through Session.updates
-SCRIPTS = {"iql": (iql, TINY_IQL), "cql": (cql, TINY_CQL), "calql": (calql, TINY_CQL), "wsrl": (wsrl, TINY_WSRL)}
+SCRIPTS = {"iql": (iql, TINY_IQL), "cql": (cql, TINY_CQL), "calql": (calql, TINY_CQL), "wsrl": (wsrl, TINY_WSRL),
+           "rlpd": (rlpd, TINY_RLPD), "off2on": (off2on, TINY_OFF2ON)}
+OFFLINE_EVAL_FLAG = {"off2on": "--offline-eval-every"}  # the others evaluate both phases with --eval-every
 
 
 def agent_leaves(run_dir: Path) -> list[np.ndarray]:
@@ -67,9 +74,9 @@ def test_sigusr2_stops_a_script_within_seconds_even_inside_a_long_chunk(name, ti
     (minutes to hours here) and SIGUSR2 killed the script with no checkpoint at all."""
     module, tiny = SCRIPTS[name]
     process = subprocess.Popen([sys.executable, f"algorithms/{name}.py", "--env", tiny_pointmaze, "--offline-steps",
-                                "1000000", "--online-steps", "0", "--log-every", "1000000", "--eval-every", "1000000",
-                                *tiny, "--log-dir", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                                "1000000", "--online-steps", "0", "--log-every", "1000000",
+                                OFFLINE_EVAL_FLAG.get(name, "--eval-every"), "1000000", *tiny, "--log-dir",
+                                str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None and not [
             path for path in tmp_path.glob("*/evaluations.jsonl") if path.read_text().strip()]:
@@ -157,8 +164,8 @@ def stop_and_resume(module, flags: list[str], tmp_path: Path, monkeypatch) -> tu
 
 
 def offline_flags(name: str, dataset: str) -> list[str]:
-    return ["--env", dataset, "--offline-steps", "600", "--online-steps", "0", "--eval-every", "300",
-            "--log-every", "300", *SCRIPTS[name][1]]
+    return ["--env", dataset, "--offline-steps", "600", "--online-steps", "0", OFFLINE_EVAL_FLAG.get(name, "--eval-every"),
+            "300", "--log-every", "300", *SCRIPTS[name][1]]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -51,6 +51,7 @@ import dataclasses
 import fcntl
 import io
 import json
+import math
 import os
 import shlex
 import shutil
@@ -669,6 +670,9 @@ def slurm_time(minutes: int) -> str:
 
 
 def time_limit_minutes(hours: float) -> int:
+    if not math.isfinite(hours):
+        raise ReproduceError(f"--time-hours {hours:g} is not a time limit: give the hours a task may run, "
+                             f"e.g. --time-hours 24.")
     minutes = round(hours * 60)
     if not minutes >= MIN_TIME_MINUTES:
         raise ReproduceError(f"--time-hours {hours:g} is under {MIN_TIME_MINUTES} minutes: a task needs time to start, "
@@ -738,7 +742,9 @@ def submit(tasks: list[Task], folder: Path, cluster: str = "slurm", partition: s
     todo = [task for task in todo if task not in queued]
     if not todo:
         return []
-    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster, slurm_max_num_timeout=max_requeues)
+    if cluster == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
+        raise ReproduceError("--slurm needs SLURM's sbatch and srun on PATH: run this on a login node of the cluster "
+                             "(or without --slurm, to run the table on this machine).")
     parameters = dict(timeout_min=time_minutes, cpus_per_task=cpus_per_run, name=f"reproduce-{todo[0].table.name}")
     if cluster == "slurm":
         parameters.update(slurm_array_parallelism=max_parallel, slurm_signal_delay_s=WARNING_SECONDS,
@@ -750,9 +756,10 @@ def submit(tasks: list[Task], folder: Path, cluster: str = "slurm", partition: s
         if mem_gb:
             parameters["mem_gb"] = mem_gb
         parameters["slurm_setup"] = [f"cd {shlex.quote(str(REPO))}"]
-    executor.update_parameters(**parameters)
     said = io.StringIO()
     try:
+        executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster, slurm_max_num_timeout=max_requeues)
+        executor.update_parameters(**parameters)
         with contextlib.redirect_stderr(said):  # submitit echoes sbatch's stderr; it goes in the one message
             with executor.batch():
                 jobs = [executor.submit(SlotJob(task)) for task in todo]
@@ -1061,7 +1068,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                      help=f"SLURM time limit per task (at least {MIN_TIME_MINUTES} minutes; written as HH:MM:SS); "
                           f"a run checkpoints on the warning {WARNING_SECONDS} s before it and is requeued")
     run.add_argument("--max-parallel", type=int, default=256, help="SLURM array tasks running at once")
-    run.add_argument("--max-requeues", type=int, default=20, help="requeues of one task (time limits, pre-emptions)")
+    run.add_argument("--max-requeues", type=int, default=20, help="requeues of one task after reaching its time limit (submitit counts these; pre-emptions are not counted)")
 
     rep = commands.add_parser("report", help="Markdown + CSV table and learning curves from the run folders")
     rep.add_argument("table")

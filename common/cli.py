@@ -17,7 +17,7 @@ class UserError(Exception):
     """
 
 
-EXIT_STOPPED = 3  # a run stopped by SIGINT / SIGTERM after writing its checkpoint: resumable
+EXIT_STOPPED = 3  # a run stopped by a signal (SIGINT, SIGTERM, SIGUSR1 / SIGUSR2) after its checkpoint: resumable
 
 
 class RunStopped(Exception):

@@ -3,7 +3,6 @@ checkpoints for later scripts, online returns-to-go, and the offline learning ch
 
 import json
 import os
-import time
 
 import numpy as np
 import pytest
@@ -28,11 +27,9 @@ def script(module) -> str:
 # the fast suite's SIGKILL resume test below.
 @pytest.mark.parametrize("module", [cql, pytest.param(calql, marks=pytest.mark.slow)], ids=["cql", "calql"])
 def test_smoke_run_offline_then_online(module, tiny_pointmaze, tmp_path):
-    start = time.time()
     result = run_script(script(module), "--env", tiny_pointmaze, "--offline-steps", "200", "--online-steps", "400",
                         "--log-dir", str(tmp_path), *TINY)
     assert result.returncode == 0, result.stderr
-    assert time.time() - start < 60
     (run_dir,) = tmp_path.iterdir()
     assert run_dir.name.startswith(f"{module.ALGORITHM}__local-pointmaze-umaze-dense-v0__0__")
     config = json.loads((run_dir / "config.json").read_text())

@@ -173,11 +173,9 @@ def test_every_flag_has_a_docstring():
 
 
 def test_smoke_run_offline_then_online(tiny_pointmaze, tmp_path):
-    start = time.time()
     result = run_script("iql.py", "--env", tiny_pointmaze, "--offline-steps", "200", "--online-steps", "200",
                         "--eval-every", "100", "--log-dir", str(tmp_path), *TINY)
     assert result.returncode == 0, result.stderr
-    assert time.time() - start < 60
     (run_dir,) = tmp_path.iterdir()
     assert run_dir.name.startswith("iql__local-pointmaze-umaze-dense-v0__0__")
     config = json.loads((run_dir / "config.json").read_text())

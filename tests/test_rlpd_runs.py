@@ -19,10 +19,8 @@ TINY_ARGS = dict(utd=2, batch_size=64, hidden_dims=(64, 64), start_training=100,
 
 
 def test_smoke_run_writes_the_run_folder(tiny_pointmaze, tmp_path):
-    start = time.time()
     result = run_script("rlpd.py", "--env", tiny_pointmaze, "--online-steps", "300", "--log-dir", str(tmp_path), *TINY_RUN)
     assert result.returncode == 0, result.stderr
-    assert time.time() - start < 60
     (run_dir,) = tmp_path.iterdir()
     assert run_dir.name.startswith("rlpd__local-pointmaze-umaze-dense-v0__0__")
     config = json.loads((run_dir / "config.json").read_text())

@@ -71,7 +71,11 @@ def assert_same_agent(first: Path, second: Path) -> None:
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_sigusr2_stops_a_script_within_seconds_even_inside_a_long_chunk(name, tiny_pointmaze, tmp_path):
     """One 1M-update chunk (log and evaluation every 1M): before, a stop waited for the whole chunk
-    (minutes to hours here) and SIGUSR2 killed the script with no checkpoint at all."""
+    (hours here) and SIGUSR2 killed the script with no checkpoint at all. Now the checkpoint is on
+    disk within one piece of updates: about 1 to 3 s on an idle 2-core CPU (docs/slurm.md). The
+    bound asserted is 120 s, so that a machine busy with other work (a signal that lands in the
+    piece's compilation waits for it: 30 s seen under load) cannot fail it, while a stop that waits
+    for the chunk still does."""
     module, tiny = SCRIPTS[name]
     process = subprocess.Popen([sys.executable, f"algorithms/{name}.py", "--env", tiny_pointmaze, "--offline-steps",
                                 "1000000", "--online-steps", "0", "--log-every", "1000000",
@@ -84,10 +88,10 @@ def test_sigusr2_stops_a_script_within_seconds_even_inside_a_long_chunk(name, ti
     time.sleep(5.0)  # the evaluation at step 0 is written: now in the chunk's compilation or its updates
     sent = time.monotonic()
     process.send_signal(signal.SIGUSR2)
-    while process.poll() is None and not list(tmp_path.glob(f"*/{CHECKPOINT_FILE}")) and time.monotonic() - sent < 60:
+    while process.poll() is None and not list(tmp_path.glob(f"*/{CHECKPOINT_FILE}")) and time.monotonic() - sent < 120:
         time.sleep(0.02)
     latency = time.monotonic() - sent
-    if latency >= 60:
+    if latency >= 120:
         process.kill()  # still inside its chunk: the assertions below fail
     out, err = process.communicate(timeout=120)
     assert process.returncode == EXIT_STOPPED, out + err
@@ -95,7 +99,7 @@ def test_sigusr2_stops_a_script_within_seconds_even_inside_a_long_chunk(name, ti
     (run_dir,) = [path.parent for path in tmp_path.glob("*/config.json")]
     progress = checkpoint.load(str(run_dir / CHECKPOINT_FILE))["progress"]
     assert progress["offline_step"] < 1_000_000 and progress["offline_step"] % module.STOP_CHECK_UPDATES == 0, out + err
-    assert latency < 10.0, f"{latency:.1f} s from SIGUSR2 to the checkpoint on disk"
+    assert latency < 120.0, f"{latency:.1f} s from SIGUSR2 to the checkpoint on disk"
 
 
 STOP_FLAGS = ["--offline-steps", "600", "--online-steps", "0", "--eval-every", "300", "--log-every", "300", *TINY_IQL]
@@ -299,7 +303,7 @@ time.sleep(300)
 
 def test_the_checkpoint_hook_sees_its_script_exit_at_once(tmp_path, monkeypatch):
     """submitit calls SlotJob.checkpoint from its SIGUSR2 handler while execute() waits for the
-    script: the hook must see the script's exit (1 s here), not wait out its 80 s allowance."""
+    script: the hook must see the script's exit (1 s here), not wait out its 75 s allowance."""
     fake_repo = tmp_path / "repo"
     (fake_repo / "algorithms").mkdir(parents=True)
     (fake_repo / "algorithms" / "iql.py").write_text(STOPPABLE_SCRIPT)
@@ -349,7 +353,8 @@ def stand_in_tools(tmp_path: Path, sbatch: str, squeue: str = "", sinfo: str = "
 
 
 @pytest.mark.parametrize("hours, message", [(0.01, "--time-hours 0.01 is under 5 minutes"),
-                                            (0, "--time-hours 0 is under 5 minutes")])
+                                            (0, "--time-hours 0 is under 5 minutes"),
+                                            ("inf", "--time-hours inf is not a time limit")])
 def test_a_time_limit_too_short_for_the_warning_is_refused(tiny_pointmaze, tmp_path, hours, message):
     pytest.importorskip("submitit")
     env = stand_in_tools(tmp_path, 'echo "Submitted batch job 7"')
@@ -375,6 +380,18 @@ def test_an_sbatch_refusal_is_one_error_naming_the_flag(tiny_pointmaze, tmp_path
     assert expected in result.stderr and "Traceback" not in result.stderr
     assert [line for line in result.stderr.splitlines() if line.strip()][0].startswith("error: SLURM refused")
     assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
+
+
+def test_slurm_without_sbatch_on_path_is_one_error(tiny_pointmaze, tmp_path):
+    """Not on a cluster's login node: one message, not submitit's traceback ("Could not detect srun")."""
+    pytest.importorskip("submitit")
+    (tmp_path / "bin").mkdir()
+    path = write_table(tmp_path, tiny_pointmaze)
+    result = reproduce_cli("run", str(path), "--root", str(tmp_path / "root"), "--slurm", "--gpus-per-run", "0",
+                           env={**os.environ, "PATH": str(tmp_path / "bin")})
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stdout + result.stderr
+    assert lines[0].startswith("error: --slurm needs SLURM's sbatch and srun on PATH")
 
 
 def test_a_second_submission_while_the_first_is_queued_submits_nothing(tiny_pointmaze, tmp_path):
@@ -457,6 +474,7 @@ SLURM_FLAGS = ["--slurm", "--gpus-per-run", "0", "--time-hours", "1", "--max-req
 
 
 @pytest.mark.slurm
+@pytest.mark.xdist_group("slurm")  # one worker, one cluster (pytest runs with --dist loadgroup)
 def test_slurm_a_table_finishes_a_duplicate_is_refused_and_a_rerun_submits_nothing(cluster, tiny_pointmaze, tmp_path):
     path, root = write_table(tmp_path, tiny_pointmaze), tmp_path / "root"  # two seeds, 400 updates each
     table = reproduce.load_table(str(path))
@@ -487,6 +505,7 @@ def test_slurm_a_table_finishes_a_duplicate_is_refused_and_a_rerun_submits_nothi
 
 
 @pytest.mark.slurm
+@pytest.mark.xdist_group("slurm")  # one worker, one cluster (pytest runs with --dist loadgroup)
 def test_slurm_preemption_and_the_time_limit_warning_end_in_a_checkpoint_and_a_resume(cluster, tiny_pointmaze, tmp_path):
     """Seed 0 is pre-empted (`scontrol requeue`: SIGTERM to the step), seed 1 gets SLURM's
     time-limit warning (SIGUSR2 to every process of the step, as `--signal=USR2@90` sends it);

@@ -257,6 +257,19 @@ def test_the_batch_splits_into_consecutive_minibatches_online_rows_first():
         assert (np.asarray(rows["x"]) < 100).all()
 
 
+@pytest.mark.parametrize("batch_size, ratio, expected", [(100, 0.29, 28), (1024, 0.15, 153), (1024, 0.5, 512),
+                                                          (8, 0.1, 0)])
+def test_the_offline_share_is_rounded_down_as_officially(batch_size, ratio, expected):
+    # finetune.py: batch_size_offline = int(batch_size * offline_data_ratio); 100 x 0.29 = 28.999999999999996
+    assert wsrl.offline_rows_per_batch(wsrl.Args(batch_size=batch_size, offline_ratio=ratio)) == expected
+    online = buffers.from_arrays({"x": np.zeros(4, np.float32)})
+    offline = buffers.from_arrays({"x": np.ones(4, np.float32)})
+    batch = wsrl.sample_batch(jax.random.PRNGKey(0), online, offline,
+                              wsrl.Args(batch_size=batch_size, offline_ratio=ratio))
+    assert batch["x"].shape == (batch_size,) and int(batch["x"].sum()) == expected
+    wsrl.validate(wsrl.Args(batch_size=batch_size, offline_ratio=ratio, utd=1))  # any ratio in [0, 1] is taken
+
+
 def test_warmup_follows_the_official_rule():
     # finetune.py: no update while online step <= max(warmup, batch x (1 - ratio))
     assert wsrl.warmup_length(wsrl.Args(warmup_steps=5000, batch_size=1024)) == 5001

@@ -759,12 +759,7 @@ def read_pretrained(args: Args, task: datasets.Task) -> tuple[Args, dict[str, An
     check(os.path.isfile(os.path.join(source, PRETRAINED_FILE)),
           f"--pretrained {source} has not finished its pre-training; continue it first: "
           f"{harness.resume_command(ALGORITHM, source)}")
-    defaults = Args()
-    for name in MEMBER_FIELDS:
-        given, found = getattr(args, name), getattr(run_args, name)
-        check(given in (getattr(defaults, name), found),
-              f"--{name.replace('_', '-')} {given} differs from the --pretrained run's {found}: drop it.")
-    args = dataclasses.replace(args, offline_steps=0, **{name: getattr(run_args, name) for name in MEMBER_FIELDS})
+    args = dataclasses.replace(harness.take_pretrained(args, run_args, MEMBER_FIELDS), offline_steps=0)
     return args, checkpoint.load(os.path.join(source, PRETRAINED_FILE))
 
 

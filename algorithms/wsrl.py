@@ -236,9 +236,9 @@ PRESET_NOTES: dict[str, str] = {
                  "updates, then 6k online steps (1000 of warmup), sized for minutes on a CPU; the paper "
                  "presets (up to 1M updates, 500k steps) apply to the paper datasets.",
 }
-# What a fine-tuning run takes from the pre-trained run it starts from: the data, the network and
-# everything the pre-training did.
-PRETRAINING_FIELDS = ("env", "offline_steps", "offline_batch_size", "actor_hidden_dims", "critic_hidden_dims",
+# What a fine-tuning run takes from the pre-trained run it starts from (besides --env, its data):
+# the network and everything the pre-training did; a flag given with another value is refused.
+PRETRAINING_FIELDS = ("offline_steps", "offline_batch_size", "actor_hidden_dims", "critic_hidden_dims",
                       "ensemble_size", "layer_norm", "state_independent_std", "last_hidden_gain", "pretraining",
                       "reward_scale", "reward_bias", "cql_alpha", "cql_lagrange", "cql_target_action_gap",
                       "cql_importance_sample", "cql_n_actions", "cql_temperature", "alpha_prime_lr")
@@ -748,7 +748,7 @@ def monte_carlo_returns(rewards, ends, terminated, args: Args, task: datasets.Ta
 
 def read_pretrained(run_dir: str, args: Args) -> Args:
     """`args` with the data, network and pre-training settings of the wsrl.py run `run_dir`,
-    whose pre-training must have finished."""
+    whose pre-training must have finished; an explicit flag that contradicts them is refused."""
     check(os.path.isdir(run_dir), f"--pretrained {run_dir}: no such folder.")
     try:
         pre_args, record = harness.read_run_config(run_dir, Args, ALGORITHM, retired=RETIRED, hint=RETIRED_HINT)
@@ -761,7 +761,7 @@ def read_pretrained(run_dir: str, args: Args) -> Args:
     given = datasets.resolve(args.env).dataset_id if args.env != Args.env else None
     check(given in (None, record["dataset_id"]),
           f"--env {args.env} is {given}, but the pre-trained run trained on {record['dataset_id']}.")
-    return dataclasses.replace(args, **{name: getattr(pre_args, name) for name in PRETRAINING_FIELDS})
+    return dataclasses.replace(harness.take_pretrained(args, pre_args, PRETRAINING_FIELDS), env=pre_args.env)
 
 
 def load_pretrained_agent(run_dir: str, template: Agent) -> Agent:

@@ -157,6 +157,18 @@ def resolve_resume(args, algorithm: str, extra_keys: tuple[str, ...] = (), older
     return dataclasses.replace(saved_args, **display), run_dir, read_checkpoint(run_dir, extra_keys)
 
 
+def take_pretrained(args, pretrained_args, fields: Iterable[str]):
+    """`args` with `fields` taken from the Args of the --pretrained run. A field given explicitly
+    (not its default) with another value than that run's is refused with one message, before any
+    work: the pre-trained networks fix it."""
+    defaults = type(args)()
+    for name in fields:
+        given, found = getattr(args, name), getattr(pretrained_args, name)
+        if given not in (getattr(defaults, name), found):
+            raise UserError(f"--{name.replace('_', '-')} {given} differs from the --pretrained run's {found}: drop it.")
+    return dataclasses.replace(args, **{name: getattr(pretrained_args, name) for name in fields})
+
+
 def create_run_dir(args, algorithm: str) -> str:
     """A fresh run folder, its path printed at once (before anything is compiled)."""
     run_dir = new_run_dir(args.log_dir, algorithm, args.env, args.seed)

@@ -6,7 +6,8 @@ zhouzypaul/wsrl (commit 891ee35): `finetune.py` (both phases, warmup rule, batch
 evaluation episodes), `wsrl/agents/sac.py` (fine-tuning), `wsrl/agents/cql.py` and `calql.py`
 (pre-training), `wsrl/networks/{actor_critic_nets,mlp,lagrange}.py` and `wsrl/common/common.py`
 `ensemblize` (networks), `wsrl/envs/{d4rl_dataset,env_common}.py` and `wrappers/kitchen.py`
-(returns-to-go, terminals), `experiments/configs/*.py` and `experiments/scripts/*/launch_*.sh`.
+(returns-to-go, terminals), `experiments/configs/*.py` and `experiments/scripts/*/launch_*.sh`
+(presets). docs/algorithms/wsrl.md gives every preset's source and the measurements.
 
 One run, one folder. The offline phase pre-trains (`--offline-steps` updates, checkpointed and
 resumable) with WSRL's own Cal-QL (AntMaze, Adroit, Kitchen) or CQL (locomotion) agent on the
@@ -41,12 +42,6 @@ pre-training).
     1024. Optimizers not trained by a step still step with zero gradients (sac.py `update`);
     `--idle-optimizer-steps False` turns that off. No update while online step <= max(warmup,
     batch x (1 - offline ratio)): the pre-trained policy fills the empty buffer.
-
-Presets (PRESETS; fine-tuning: launch_wsrl_finetune.sh, 500k steps, warmup 5000, eval every 20k):
-antmaze Cal-QL 1M updates, 4x256 / 2x256, reward 10 r - 5, Lagrange gap 0.8, max backup online;
-adroit Cal-QL 20k, 3x512 / 2x512, alpha 1; kitchen Cal-QL 250k, 3x512 / 3x512, alpha 5, plain
-log-sum-exp, reward r - 4; locomotion CQL 250k, 2x256, alpha 5; pointmaze (ours) Cal-QL 2k on
-2x64 then 6k online steps (1000 of warmup), sized for minutes on a CPU.
 
 Deviations: Minari's Adroit data are dense, so the raw reward replaces the binary tasks' 10 r + 5
 and the sparse-failure rule is off; the pre-training batch (256, finetune.py's default kept by the
@@ -811,17 +806,13 @@ class Run:
         return self.env.reset(seed=self.session.reset_seed())[0]
 
 
-def resolve_args(args: Args) -> tuple[Args, str | None, dict | None]:
-    """(Args to run with, run folder to resume or None, its checkpoint or None), every flag
-    checked and the preset applied, before any data is loaded."""
-    args, run_dir, saved = harness.resolve_resume(args, ALGORITHM, CHECKPOINT_EXTRAS, retired=RETIRED,
-                                                  hint=RETIRED_HINT)
-    validate(args)
-    harness.prepare_video(args)  # --capture-video: the rendering backend, checked before any work
-    if run_dir is None:
-        harness.check_log_dir(args.log_dir)
-        if args.pretrained is not None:
-            args = read_pretrained(args.pretrained, args)
+def start_run(args: Args) -> Run | None:
+    """Check flags, load data, build envs and agent, restore a checkpoint (or the pre-trained
+    agent of --pretrained). Returns None when the run to resume has already finished."""
+    args, run_dir, saved = harness.start(args, ALGORITHM, validate, extra_keys=CHECKPOINT_EXTRAS,
+                                         retired=RETIRED, hint=RETIRED_HINT)
+    if run_dir is None and args.pretrained is not None:
+        args = read_pretrained(args.pretrained, args)
     task = datasets.resolve(args.env)
     check(task.dataset_id is not None,
           f"--env {args.env} is an environment without a dataset; {ALGORITHM}.py pre-trains offline: name a dataset.")
@@ -829,14 +820,6 @@ def resolve_args(args: Args) -> tuple[Args, str | None, dict | None]:
         print(f"Preset {task.domain} ({ALGORITHM}): {PRESET_NOTES[task.domain]}", flush=True)
     args = apply_preset(args, task.domain)
     validate(args)
-    return args, run_dir, saved
-
-
-def start_run(args: Args) -> Run | None:
-    """Check flags, load data, build envs and agent, restore a checkpoint (or the pre-trained
-    agent of --pretrained). Returns None when the run to resume has already finished."""
-    args, run_dir, saved = resolve_args(args)
-    task = datasets.resolve(args.env)
     dataset = datasets.load_dataset(task)
     make_env = datasets.env_factory(task, dataset)
     env = make_env()
@@ -957,15 +940,7 @@ def online_phase(run: Run) -> None:
 def main(args: Args) -> str | None:
     """Pre-train and fine-tune (or resume) one run; returns its run folder."""
     run = start_run(args)
-    if run is None:
-        return args.resume
-
-    def phases():
-        offline_phase(run)
-        online_phase(run)
-
-    run.session.run(phases, lambda: run.checkpoint(run.args.offline_steps + run.args.online_steps), run.evaluate)
-    return run.session.run_dir
+    return args.resume if run is None else harness.run_phases(run, offline_phase, online_phase)
 
 
 if __name__ == "__main__":

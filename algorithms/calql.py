@@ -754,11 +754,7 @@ def start_run(args: Args) -> Run | None:
 
     Returns None when the run to resume has already finished.
     """
-    args, run_dir, saved = harness.resolve_resume(args, ALGORITHM, retired=RETIRED, hint=RETIRED_HINT)
-    validate(args)
-    harness.prepare_video(args)  # --capture-video: the rendering backend, checked before any work
-    if run_dir is None:
-        harness.check_log_dir(args.log_dir)
+    args, run_dir, saved = harness.start(args, ALGORITHM, validate, retired=RETIRED, hint=RETIRED_HINT)
     task = datasets.resolve(args.env)
     check(task.dataset_id is not None,
           f"--env {args.env} is an environment without a dataset; {ALGORITHM}.py pre-trains offline: name a dataset.")
@@ -899,15 +895,7 @@ def online_phase(run: Run) -> None:
 def main(args: Args) -> str | None:
     """Train (or resume) one run; returns its run folder."""
     run = start_run(args)
-    if run is None:
-        return args.resume
-
-    def phases():
-        offline_phase(run)
-        online_phase(run)
-
-    run.session.run(phases, lambda: run.checkpoint(run.args.offline_steps + run.args.online_steps), run.evaluate)
-    return run.session.run_dir
+    return args.resume if run is None else harness.run_phases(run, offline_phase, online_phase)
 
 
 if __name__ == "__main__":

@@ -88,11 +88,9 @@ STOP_CHECK_FINE_TUNING_UPDATES = 20
 class Args:
     """Off2On (Lee et al. 2021): N CQL agents pre-trained offline (vmapped), then fine-tuned as one
     pessimistic ensemble with balanced replay. Flags marked [preset] take the domain's preset unless
-    given: locomotion and other domains (ours.py, README, CQL's MuJoCo command) 2x256, 1M pre-training
-    updates per agent, 250 epochs of 1000 steps (halfcheetah-medium-expert: 3x256 agents); antmaze
-    the same with CQL's AntMaze Lagrange and rewards; pointmaze (ours, for a CPU) 2x64, 5k
-    pre-training updates, rewards x 20, 10 epochs. An offline step is one (vmapped) pre-training
-    update; an online step is one environment step."""
+    given (the paper's: 2x256, 1M pre-training updates per agent, 250 epochs of 1000 steps; pointmaze,
+    ours: 2x64, 5k updates, 10 epochs). An offline step is one (vmapped) pre-training update; an
+    online step is one environment step."""
 
     # --- run ---
     env: str = "local/pointmaze/umaze-dense-v0"
@@ -619,33 +617,16 @@ def new_priorities(w_rl, w_offline, temperature: float):
     return jnp.clip(w_rl ** (1.0 / temperature) / ((w_offline ** (1.0 / temperature)).mean() + 1e-10), 1e-3, 1e3)
 
 
-def gather_rows(offline: buffers.Buffer, online: buffers.Buffer, indices):
-    """Rows of the prioritized buffer: index < M is offline row index, else online row index - M."""
-    size = offline.capacity
-    in_online = indices >= size
-    offline_rows = jnp.minimum(indices, size - 1)
-    online_rows = jnp.clip(indices - size, 0, online.capacity - 1)
-    return {name: jnp.where(in_online.reshape(in_online.shape + (1,) * (offline.data[name].ndim - 1)),
-                            online.data[name][online_rows], offline.data[name][offline_rows])
-            for name in offline.data}
-
-
-def sample_recent(online: buffers.Buffer, key, count: int, window: int):
-    """Rows drawn uniformly from the newest min(size, window) online rows."""
-    newest = jnp.maximum(jnp.minimum(online.size, window), 1)
-    rows = (online.cursor - 1 - jax.random.randint(key, (count,), 0, newest)) % online.capacity
-    return {name: array[rows] for name, array in online.data.items()}
-
-
 def update(agent: Agent, offline: buffers.Buffer, replay: Replay, config: Config):
     """One Off2On update: three batches (by priority; uniform offline and uniform online for w),
     every loss from the pre-update parameters, then all steps, the Polyak update of the targets
     and the new priorities of the sampled rows."""
     key, rl_key, offline_key, online_key, target_key, actor_key = jax.random.split(agent.key, 6)
     indices, _ = priorities.sample(replay.tree, rl_key, config.batch_size)
-    batch = gather_rows(offline, replay.online, indices)
+    batch = buffers.gather_union(offline, replay.online, indices)  # index < M: offline row; else online row - M
     offline_batch = buffers.sample(offline, offline_key, (config.density_batch_size,))
-    online_batch = sample_recent(replay.online, online_key, config.density_batch_size, config.online_buffer_size)
+    online_batch = buffers.sample_newest(replay.online, online_key, config.density_batch_size,
+                                         config.online_buffer_size)
 
     (w_loss, (w_offline, w_online)), density_grads = jax.value_and_grad(density_loss, has_aux=True)(
         agent.density.params, offline_batch, online_batch, config)
@@ -759,12 +740,7 @@ def read_pretrained(args: Args, task: datasets.Task) -> tuple[Args, dict[str, An
     check(os.path.isfile(os.path.join(source, PRETRAINED_FILE)),
           f"--pretrained {source} has not finished its pre-training; continue it first: "
           f"{harness.resume_command(ALGORITHM, source)}")
-    defaults = Args()
-    for name in MEMBER_FIELDS:
-        given, found = getattr(args, name), getattr(run_args, name)
-        check(given in (getattr(defaults, name), found),
-              f"--{name.replace('_', '-')} {given} differs from the --pretrained run's {found}: drop it.")
-    args = dataclasses.replace(args, offline_steps=0, **{name: getattr(run_args, name) for name in MEMBER_FIELDS})
+    args = dataclasses.replace(harness.take_pretrained(args, run_args, MEMBER_FIELDS), offline_steps=0)
     return args, checkpoint.load(os.path.join(source, PRETRAINED_FILE))
 
 
@@ -843,11 +819,7 @@ def start_run(args: Args) -> Run | None:
 
     Returns None when the run to resume has already finished.
     """
-    args, run_dir, saved = harness.resolve_resume(args, ALGORITHM, EXTRA_KEYS)
-    validate(args)
-    harness.prepare_video(args)  # --capture-video: the rendering backend, checked before any work
-    if run_dir is None:
-        harness.check_log_dir(args.log_dir)
+    args, run_dir, saved = harness.start(args, ALGORITHM, validate, extra_keys=EXTRA_KEYS)
     task = datasets.resolve(args.env)
     check(task.dataset_id is not None,
           f"--env {args.env} is an environment without a dataset; {ALGORITHM}.py needs the offline data: name a dataset.")
@@ -1008,15 +980,7 @@ def online_phase(run: Run) -> None:
 def main(args: Args) -> str | None:
     """Train (or resume) one run; returns its run folder."""
     run = start_run(args)
-    if run is None:
-        return args.resume
-
-    def phases():
-        offline_phase(run)
-        online_phase(run)
-
-    run.session.run(phases, lambda: run.checkpoint(run.args.offline_steps + run.args.online_steps), run.evaluate)
-    return run.session.run_dir
+    return args.resume if run is None else harness.run_phases(run, offline_phase, online_phase)
 
 
 if __name__ == "__main__":

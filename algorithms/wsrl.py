@@ -6,7 +6,8 @@ zhouzypaul/wsrl (commit 891ee35): `finetune.py` (both phases, warmup rule, batch
 evaluation episodes), `wsrl/agents/sac.py` (fine-tuning), `wsrl/agents/cql.py` and `calql.py`
 (pre-training), `wsrl/networks/{actor_critic_nets,mlp,lagrange}.py` and `wsrl/common/common.py`
 `ensemblize` (networks), `wsrl/envs/{d4rl_dataset,env_common}.py` and `wrappers/kitchen.py`
-(returns-to-go, terminals), `experiments/configs/*.py` and `experiments/scripts/*/launch_*.sh`.
+(returns-to-go, terminals), `experiments/configs/*.py` and `experiments/scripts/*/launch_*.sh`
+(presets). docs/algorithms/wsrl.md gives every preset's source and the measurements.
 
 One run, one folder. The offline phase pre-trains (`--offline-steps` updates, checkpointed and
 resumable) with WSRL's own Cal-QL (AntMaze, Adroit, Kitchen) or CQL (locomotion) agent on the
@@ -41,12 +42,6 @@ pre-training).
     1024. Optimizers not trained by a step still step with zero gradients (sac.py `update`);
     `--idle-optimizer-steps False` turns that off. No update while online step <= max(warmup,
     batch x (1 - offline ratio)): the pre-trained policy fills the empty buffer.
-
-Presets (PRESETS; fine-tuning: launch_wsrl_finetune.sh, 500k steps, warmup 5000, eval every 20k):
-antmaze Cal-QL 1M updates, 4x256 / 2x256, reward 10 r - 5, Lagrange gap 0.8, max backup online;
-adroit Cal-QL 20k, 3x512 / 2x512, alpha 1; kitchen Cal-QL 250k, 3x512 / 3x512, alpha 5, plain
-log-sum-exp, reward r - 4; locomotion CQL 250k, 2x256, alpha 5; pointmaze (ours) Cal-QL 2k on
-2x64 then 6k online steps (1000 of warmup), sized for minutes on a CPU.
 
 Deviations: Minari's Adroit data are dense, so the raw reward replaces the binary tasks' 10 r + 5
 and the sparse-failure rule is off; the pre-training batch (256, finetune.py's default kept by the
@@ -236,9 +231,9 @@ PRESET_NOTES: dict[str, str] = {
                  "updates, then 6k online steps (1000 of warmup), sized for minutes on a CPU; the paper "
                  "presets (up to 1M updates, 500k steps) apply to the paper datasets.",
 }
-# What a fine-tuning run takes from the pre-trained run it starts from: the data, the network and
-# everything the pre-training did.
-PRETRAINING_FIELDS = ("env", "offline_steps", "offline_batch_size", "actor_hidden_dims", "critic_hidden_dims",
+# What a fine-tuning run takes from the pre-trained run it starts from (besides --env, its data):
+# the network and everything the pre-training did; a flag given with another value is refused.
+PRETRAINING_FIELDS = ("offline_steps", "offline_batch_size", "actor_hidden_dims", "critic_hidden_dims",
                       "ensemble_size", "layer_norm", "state_independent_std", "last_hidden_gain", "pretraining",
                       "reward_scale", "reward_bias", "cql_alpha", "cql_lagrange", "cql_target_action_gap",
                       "cql_importance_sample", "cql_n_actions", "cql_temperature", "alpha_prime_lr")
@@ -630,10 +625,15 @@ def update(agent: Agent, batch, config: Config, utd: int):
     return agent, {**jax.tree_util.tree_map(jnp.mean, critic_info), **actor_info}
 
 
+def offline_rows_per_batch(args: Args) -> int:
+    """finetune.py's `int(batch_size * offline_data_ratio)`: rounded down, any ratio (100 x 0.29 gives 28)."""
+    return int(args.batch_size * args.offline_ratio)
+
+
 def sample_batch(key, online, offline, args: Args):
     """`batch_size` rows: the online share first, then the offline share ([online, offline] as
     finetune.py concatenates them), optionally shuffled before the split."""
-    n_offline = buffers.offline_count(args.batch_size, args.offline_ratio)
+    n_offline = offline_rows_per_batch(args)
     online_key, offline_key, shuffle_key = jax.random.split(key, 3)
     batch = buffers.sample(online, online_key, (args.batch_size - n_offline,))
     if n_offline:
@@ -709,10 +709,6 @@ def validate(args: Args) -> None:
     harness.check_flags(args, RULES + harness.RUN_RULES)
     check(args.batch_size % args.utd == 0,
           f"--batch-size {args.batch_size} must split into --utd {args.utd} equal minibatches.")
-    n_offline = args.batch_size * args.offline_ratio
-    check(abs(n_offline - round(n_offline)) < 1e-6,
-          f"--batch-size {args.batch_size} cannot be split by --offline-ratio {args.offline_ratio}: "
-          f"batch-size x ratio = {n_offline:g} offline rows must be a whole number.")
 
 
 def failure_reward(args: Args, task: datasets.Task) -> float | None:
@@ -747,7 +743,7 @@ def monte_carlo_returns(rewards, ends, terminated, args: Args, task: datasets.Ta
 
 def read_pretrained(run_dir: str, args: Args) -> Args:
     """`args` with the data, network and pre-training settings of the wsrl.py run `run_dir`,
-    whose pre-training must have finished."""
+    whose pre-training must have finished; an explicit flag that contradicts them is refused."""
     check(os.path.isdir(run_dir), f"--pretrained {run_dir}: no such folder.")
     try:
         pre_args, record = harness.read_run_config(run_dir, Args, ALGORITHM, retired=RETIRED, hint=RETIRED_HINT)
@@ -760,7 +756,7 @@ def read_pretrained(run_dir: str, args: Args) -> Args:
     given = datasets.resolve(args.env).dataset_id if args.env != Args.env else None
     check(given in (None, record["dataset_id"]),
           f"--env {args.env} is {given}, but the pre-trained run trained on {record['dataset_id']}.")
-    return dataclasses.replace(args, **{name: getattr(pre_args, name) for name in PRETRAINING_FIELDS})
+    return dataclasses.replace(harness.take_pretrained(args, pre_args, PRETRAINING_FIELDS), env=pre_args.env)
 
 
 def load_pretrained_agent(run_dir: str, template: Agent) -> Agent:
@@ -810,17 +806,13 @@ class Run:
         return self.env.reset(seed=self.session.reset_seed())[0]
 
 
-def resolve_args(args: Args) -> tuple[Args, str | None, dict | None]:
-    """(Args to run with, run folder to resume or None, its checkpoint or None), every flag
-    checked and the preset applied, before any data is loaded."""
-    args, run_dir, saved = harness.resolve_resume(args, ALGORITHM, CHECKPOINT_EXTRAS, retired=RETIRED,
-                                                  hint=RETIRED_HINT)
-    validate(args)
-    harness.prepare_video(args)  # --capture-video: the rendering backend, checked before any work
-    if run_dir is None:
-        harness.check_log_dir(args.log_dir)
-        if args.pretrained is not None:
-            args = read_pretrained(args.pretrained, args)
+def start_run(args: Args) -> Run | None:
+    """Check flags, load data, build envs and agent, restore a checkpoint (or the pre-trained
+    agent of --pretrained). Returns None when the run to resume has already finished."""
+    args, run_dir, saved = harness.start(args, ALGORITHM, validate, extra_keys=CHECKPOINT_EXTRAS,
+                                         retired=RETIRED, hint=RETIRED_HINT)
+    if run_dir is None and args.pretrained is not None:
+        args = read_pretrained(args.pretrained, args)
     task = datasets.resolve(args.env)
     check(task.dataset_id is not None,
           f"--env {args.env} is an environment without a dataset; {ALGORITHM}.py pre-trains offline: name a dataset.")
@@ -828,14 +820,6 @@ def resolve_args(args: Args) -> tuple[Args, str | None, dict | None]:
         print(f"Preset {task.domain} ({ALGORITHM}): {PRESET_NOTES[task.domain]}", flush=True)
     args = apply_preset(args, task.domain)
     validate(args)
-    return args, run_dir, saved
-
-
-def start_run(args: Args) -> Run | None:
-    """Check flags, load data, build envs and agent, restore a checkpoint (or the pre-trained
-    agent of --pretrained). Returns None when the run to resume has already finished."""
-    args, run_dir, saved = resolve_args(args)
-    task = datasets.resolve(args.env)
     dataset = datasets.load_dataset(task)
     make_env = datasets.env_factory(task, dataset)
     env = make_env()
@@ -956,15 +940,7 @@ def online_phase(run: Run) -> None:
 def main(args: Args) -> str | None:
     """Pre-train and fine-tune (or resume) one run; returns its run folder."""
     run = start_run(args)
-    if run is None:
-        return args.resume
-
-    def phases():
-        offline_phase(run)
-        online_phase(run)
-
-    run.session.run(phases, lambda: run.checkpoint(run.args.offline_steps + run.args.online_steps), run.evaluate)
-    return run.session.run_dir
+    return args.resume if run is None else harness.run_phases(run, offline_phase, online_phase)
 
 
 if __name__ == "__main__":

@@ -117,14 +117,26 @@ def insert_rows(buffer: Buffer, rows: Mapping[str, np.ndarray]) -> Buffer:
     return buffer
 
 
+def gather_union(first: Buffer, second: Buffer, index: jax.Array) -> Batch:
+    """Rows of both buffers as if they were one pre-filled with `first`: index < first.size is a
+    row of `first`, the rest row index - first.size of `second`."""
+    in_second = index >= first.size
+    first_rows = jnp.minimum(index, first.capacity - 1)
+    second_rows = jnp.clip(index - first.size, 0, second.capacity - 1)
+    return {name: jnp.where(in_second.reshape(index.shape + (1,) * (first.data[name].ndim - 1)),
+                            second.data[name][second_rows], first.data[name][first_rows])
+            for name in first.data}
+
+
 def sample_union(key: jax.Array, first: Buffer, second: Buffer, shape: tuple[int, ...]) -> Batch:
     """Rows drawn uniformly from the filled rows of both buffers together, as if they were one
     buffer pre-filled with `first` (IQL's fine-tuning buffer, without copying the offline data)."""
     total = first.size + second.size
-    index = jax.random.randint(key, shape, 0, jnp.maximum(total, 1))
-    in_second = index >= first.size
-    first_rows = jnp.minimum(index, first.capacity - 1)
-    second_rows = jnp.clip(index - first.size, 0, second.capacity - 1)
-    return {name: jnp.where(in_second.reshape(shape + (1,) * (first.data[name].ndim - 1)),
-                            second.data[name][second_rows], first.data[name][first_rows])
-            for name in first.data}
+    return gather_union(first, second, jax.random.randint(key, shape, 0, jnp.maximum(total, 1)))
+
+
+def sample_newest(buffer: Buffer, key: jax.Array, count: int, window: int) -> Batch:
+    """`count` rows drawn uniformly from the newest min(size, window) rows of a ring buffer."""
+    newest = jnp.maximum(jnp.minimum(buffer.size, window), 1)
+    rows = (buffer.cursor - 1 - jax.random.randint(key, (count,), 0, newest)) % buffer.capacity
+    return {name: array[rows] for name, array in buffer.data.items()}

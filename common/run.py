@@ -1,6 +1,8 @@
 """The run harness every training script shares, written once.
 
-  * flag checks as a table of `(flag, condition, requirement)` rows (`check_flags`);
+  * flag checks as a table of `(flag, condition, requirement)` rows (`check_flags`), and the
+    start-up every script does first (`start`); the flags a `--pretrained` run fixes
+    (`take_pretrained`); `main`'s two phases with the final checkpoint (`run_phases`);
   * `--resume`: the saved Args of a run folder and its checkpoint, read and checked before any
     work (`resolve_resume`); display-only flags (`--progress`) still apply on resume;
   * the checkpoint payload: agent state dict, online buffer rows and cursor, counters, elapsed
@@ -155,6 +157,30 @@ def resolve_resume(args, algorithm: str, extra_keys: tuple[str, ...] = (), older
         print(f"note: --resume continues the run with its saved configuration; ignored: {', '.join(ignored)}.")
     display = {flag: getattr(args, flag) for flag in DISPLAY_FLAGS if hasattr(args, flag)}
     return dataclasses.replace(saved_args, **display), run_dir, read_checkpoint(run_dir, extra_keys)
+
+
+def take_pretrained(args, pretrained_args, fields: Iterable[str]):
+    """`args` with `fields` taken from the Args of the --pretrained run. A field given explicitly
+    (not its default) with another value than that run's is refused with one message, before any
+    work: the pre-trained networks fix it."""
+    defaults = type(args)()
+    for name in fields:
+        given, found = getattr(args, name), getattr(pretrained_args, name)
+        if given not in (getattr(defaults, name), found):
+            raise UserError(f"--{name.replace('_', '-')} {given} differs from the --pretrained run's {found}: drop it.")
+    return dataclasses.replace(args, **{name: getattr(pretrained_args, name) for name in fields})
+
+
+def start(args, algorithm: str, validate: Callable[[Any], None], **resume_options):
+    """Every script's first checks, before its task is resolved: --resume read (`resolve_resume`,
+    with `resume_options`), the flags checked, the --capture-video backend and a new run's
+    --log-dir. Returns (Args, run folder to resume or None, its checkpoint or None)."""
+    args, run_dir, saved = resolve_resume(args, algorithm, **resume_options)
+    validate(args)
+    prepare_video(args)  # --capture-video: the rendering backend, checked before any work
+    if run_dir is None:
+        check_log_dir(args.log_dir)
+    return args, run_dir, saved
 
 
 def create_run_dir(args, algorithm: str) -> str:
@@ -497,6 +523,17 @@ class Session:
         self.logger.close()
         self.evaluator.close()
         print(self.logger.summary(), flush=True)
+
+
+def run_phases(run, offline_phase: Callable, online_phase: Callable) -> str:
+    """A script's `main` once `run` is built: its two phases under the session's stop handling,
+    then the final checkpoint at the last step (`Session.run`). Returns the run folder."""
+    def phases():
+        offline_phase(run)
+        online_phase(run)
+
+    run.session.run(phases, lambda: run.checkpoint(run.args.offline_steps + run.args.online_steps), run.evaluate)
+    return run.session.run_dir
 
 
 def open_session(algorithm: str, args, task, run_dir: str, progress: Progress, elapsed: float | None,

@@ -40,3 +40,19 @@ def test_ring_overwrites_oldest_and_checkpoint_round_trip():
     restored = buffers.restore_rows(buffers.empty_like({"x": np.float32(0)}, 4), rows, int(buffer.cursor))
     np.testing.assert_array_equal(restored.data["x"], buffer.data["x"])
     assert int(restored.size) == 4 and int(restored.cursor) == 2
+
+
+def test_gather_union_reads_the_second_buffer_after_the_first():
+    first, second = marked(1.0, 5), marked(0.0, 3)
+    rows = buffers.gather_union(first, second, jnp.array([0, 4, 5, 7]))
+    np.testing.assert_array_equal(rows["source"], [1, 1, 0, 0])
+    np.testing.assert_array_equal(rows["index"], [0, 4, 0, 2])
+
+
+def test_sample_newest_draws_only_the_newest_rows_of_the_ring():
+    ring = buffers.empty_like({"x": np.float32(0)}, 8)
+    for value in range(11):  # the ring holds 3..10, the newest at row 2
+        ring = buffers.insert(ring, {"x": jnp.float32(value)})
+    rows = buffers.sample_newest(ring, jax.random.PRNGKey(0), 2000, 4)["x"]
+    assert set(np.unique(rows)) == {7, 8, 9, 10}
+    assert set(np.unique(buffers.sample_newest(ring, jax.random.PRNGKey(0), 2000, 100)["x"])) == set(range(3, 11))

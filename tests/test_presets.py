@@ -1,10 +1,10 @@
 """The domain presets of every script against the documented preset tables.
 
 The tables below are the documentation contract: they repeat, value for value, the preset tables
-of the README and the docstrings (each row names the official file it comes from there). Each
-script has one table-driven test: for every domain, `apply_preset` on a default `Args` must give
-exactly the row, fill exactly the row's [preset] fields, and leave every explicitly given flag
-alone.
+of the README, docs/algorithms/*.md and the docstrings (each row names the official file it
+comes from there). Each script has one table-driven test: for every domain, `apply_preset` on a
+default `Args` must give exactly the row, fill exactly the row's [preset] fields, and leave every
+explicitly given flag alone.
 """
 
 import dataclasses
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from algorithms import calql, cql, iql, rlpd
+from algorithms import calql, cql, iql, off2on, rlpd, wsrl
 
 M = 1_000_000
 X256, X512 = (256, 256), (512, 512)
@@ -97,7 +97,64 @@ CALQL = {
                       online_steps=20_000),
 }
 
-OTHER_CHOICE = {"rlkit": "jaxcql", "jaxcql": "rlkit", "cosine": "constant", "constant": "cosine"}
+# WSRL (docs/algorithms/wsrl.md), zhouzypaul/wsrl (891ee35). Pre-training: experiments/scripts/
+# */launch_{calql,cql}_finetune.sh (steps, reward transform, agent), experiments/configs/
+# train_config.py *_cql (widths, std, alpha, Lagrange, log-sum-exp, kernel_scale_final 1e-2) over
+# cql_config.py's defaults (alpha 5, importance sampling, no Lagrange, gap 1). Fine-tuning:
+# launch_wsrl_finetune.sh (500k steps, warmup 5000, batch 1024, UTD 4), sac_config.py (learning
+# rates), finetune.py (eval_interval 20k), train_config.py antmaze_wsrl (max-target backup).
+_WSRL = dict(pretraining="calql", cql_alpha=5.0, cql_lagrange=False, cql_target_action_gap=1.0,
+             cql_importance_sample=True, state_independent_std=False, last_hidden_gain=1e-2, reward_scale=1.0,
+             reward_bias=0.0, online_steps=500_000, warmup_steps=5000, eval_every=20_000, max_target_backup=False,
+             batch_size=1024, utd=4, actor_lr=1e-4, critic_lr=3e-4, temp_lr=1e-4)
+WSRL = {
+    # antmaze launch_calql_finetune.sh (1M, 10 r - 5), antmaze_cql (4x256 / 2x256, "uniform" std, gap 0.8)
+    "antmaze": dict(_WSRL, offline_steps=M, critic_hidden_dims=(256,) * 4, actor_hidden_dims=X256,
+                    state_independent_std=True, reward_scale=10.0, reward_bias=-5.0, cql_lagrange=True,
+                    cql_target_action_gap=0.8, max_target_backup=True),
+    # adroit launch_calql_finetune.sh (20k), adroit_cql (3x512 / 2x512, alpha 1); raw reward (a deviation)
+    "adroit": dict(_WSRL, offline_steps=20_000, critic_hidden_dims=(512,) * 3, actor_hidden_dims=X512, cql_alpha=1.0),
+    # kitchen launch_calql_finetune.sh (250k, r - 4), kitchen_cql (3x512 both, gain sqrt 2, plain log-sum-exp)
+    "kitchen": dict(_WSRL, offline_steps=250_000, critic_hidden_dims=(512,) * 3, actor_hidden_dims=(512,) * 3,
+                    last_hidden_gain=float(np.sqrt(2.0)), cql_importance_sample=False, reward_bias=-4.0),
+    # locomotion launch_cql_finetune.sh (CQL, 250k, raw reward), locomotion_cql (2x256 both, alpha 5)
+    "locomotion": dict(_WSRL, pretraining="cql", offline_steps=250_000, critic_hidden_dims=X256,
+                       actor_hidden_dims=X256),
+    # ours: the no-argument run, sized for minutes on a CPU
+    "pointmaze": dict(_WSRL, offline_steps=2000, critic_hidden_dims=(64, 64), actor_hidden_dims=(64, 64),
+                      online_steps=6000, warmup_steps=1000, eval_every=2000),
+}
+
+# Off2On (docs/algorithms/off2on.md), shlee94/Off2OnRL (6f298fa): rlkit/examples/ours.py (2x256
+# members and weight net, batch 256, 1000 steps and 1000 updates per epoch, an evaluation of 5
+# episodes each epoch, 250 epochs, CQL checkpoints at 1M steps, lr 3e-4, tau 5e-3) and the README
+# command (--first_epoch_multiplier 5 --init_online_fraction 0.75); pre-training: aviralkumar2907/CQL
+# README MuJoCo command (min_q_weight 5, no Lagrange, policy_eval_start 40000, policy_lr 1e-4).
+_OFF2ON = dict(actor_hidden_dims=X256, critic_hidden_dims=X256, density_hidden_dims=X256, offline_steps=M,
+               online_steps=250_000, epoch_steps=1000, utd=1, first_epoch_multiplier=5, eval_every=1000,
+               eval_episodes=5, cql_alpha=5.0, cql_lagrange=False, bc_steps=40_000, pretrain_actor_lr=1e-4,
+               reward_scale=1.0, reward_bias=0.0, batch_size=256, density_batch_size=256, actor_lr=3e-4,
+               critic_lr=3e-4, temp_lr=3e-4, density_lr=3e-4, tau=5e-3, discount=0.99, priority_temperature=5.0,
+               init_online_fraction=0.75, online_buffer_size=250_000)
+OFF2ON = {  # keyed by (domain, dataset id or None)
+    ("locomotion", None): _OFF2ON,
+    # the paper's Appendix D.1: 3-layer MLPs for the CQL agents of halfcheetah-medium-expert
+    ("locomotion", "local/halfcheetah/ours-medium-expert-v0"): dict(_OFF2ON, actor_hidden_dims=(256,) * 3,
+                                                                  critic_hidden_dims=(256,) * 3),
+    # CQL README AntMaze command (cql_antmaze_new.py): with_lagrange, lagrange_thresh 5; rewards 4 (r - 0.5)
+    ("antmaze", None): dict(_OFF2ON, cql_lagrange=True, reward_scale=4.0, reward_bias=-2.0),
+    # the paper has no other domain: the locomotion settings
+    ("adroit", None): _OFF2ON,
+    ("kitchen", None): _OFF2ON,
+    # ours: the no-argument run, sized for a CPU
+    ("pointmaze", None): dict(_OFF2ON, actor_hidden_dims=(64, 64), critic_hidden_dims=(64, 64),
+                              density_hidden_dims=(64, 64), offline_steps=5000, online_steps=10_000, eval_every=2000,
+                              eval_episodes=10, bc_steps=1000, reward_scale=20.0),
+}
+
+
+OTHER_CHOICE = {"rlkit": "jaxcql", "jaxcql": "rlkit", "cosine": "constant", "constant": "cosine", "calql": "cql",
+                "cql": "calql"}
 
 
 def different(value):
@@ -111,11 +168,14 @@ def different(value):
     return OTHER_CHOICE[value]
 
 
-def check_against_table(module, row: dict, domain: str, **explicit):
+def check_against_table(module, row: dict, domain: str, *preset_args, **explicit):
     """The resolved config equals the row; the preset fills exactly the row's [preset] fields (those
-    whose default is None); every explicitly given [preset] field survives the preset."""
+    whose default is None); every explicitly given [preset] field survives the preset.
+    `preset_args` follow the domain in `apply_preset` (off2on.py: the dataset id)."""
+    apply_preset = functools.partial(module.apply_preset, domain=domain) if not preset_args else (
+        lambda args: module.apply_preset(args, domain, *preset_args))
     default = module.Args(**explicit)
-    resolved = module.apply_preset(default, domain)
+    resolved = apply_preset(default)
     assert {name: getattr(resolved, name) for name in row} == row
     filled = {field.name for field in dataclasses.fields(default)
               if getattr(default, field.name) is None and getattr(resolved, field.name) is not None}
@@ -123,7 +183,7 @@ def check_against_table(module, row: dict, domain: str, **explicit):
     assert filled == documented, f"preset fills {sorted(filled)}, the table documents {sorted(documented)}"
     preset_fields = {name for name in row if getattr(module.Args(), name) is None}
     flags = {name: different(row[name]) for name in preset_fields}
-    overridden = module.apply_preset(module.Args(**flags), domain)
+    overridden = apply_preset(module.Args(**flags))
     assert {name: getattr(overridden, name) for name in flags} == flags  # an explicit flag always wins
 
 
@@ -158,6 +218,16 @@ def test_cql_recipe_elsewhere_switches_only_the_recipe():
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_calql_presets_match_the_table(domain):
     check_against_table(calql, CALQL[domain], domain)
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_wsrl_presets_match_the_table(domain):
+    check_against_table(wsrl, WSRL[domain], domain)
+
+
+@pytest.mark.parametrize("domain, dataset_id", list(OFF2ON), ids=[f"{d}-{i}" for d, i in OFF2ON])
+def test_off2on_presets_match_the_table(domain, dataset_id):
+    check_against_table(off2on, OFF2ON[(domain, dataset_id)], domain, dataset_id)
 
 
 @pytest.mark.slow  # outside CI's 20-minute budget; `pytest -m slow` runs it
@@ -203,7 +273,7 @@ def test_cql_antmaze_preset_is_calql_without_calibration():
     assert difference.min() >= -1e-5 and difference.max() > 1e-3
 
 
-@pytest.mark.parametrize("module", [rlpd, iql, cql, calql], ids=lambda module: module.ALGORITHM)
+@pytest.mark.parametrize("module", [rlpd, iql, cql, calql, wsrl, off2on], ids=lambda module: module.ALGORITHM)
 def test_our_own_presets_say_so_and_paper_presets_stay_silent(module):
     """Every preset that is not a paper's (pointmaze) has a note, printed at the start of a new
     run; the paper domains have none."""

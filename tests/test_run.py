@@ -87,6 +87,15 @@ def test_resume_of_another_algorithm_or_without_checkpoint_is_refused(tmp_path):
         run.resolve_resume(Args(resume=run_dir), "toy")
 
 
+def test_take_pretrained_refuses_only_an_explicit_conflicting_flag():
+    pretrained = Args(seed=5, hidden_dims=(32, 32), eval_every=7)
+    taken = run.take_pretrained(Args(seed=1), pretrained, ("hidden_dims", "eval_every"))
+    assert (taken.seed, taken.hidden_dims, taken.eval_every) == (1, (32, 32), 7)  # the rest stays the caller's
+    assert run.take_pretrained(Args(hidden_dims=(32, 32)), pretrained, ("hidden_dims",)).hidden_dims == (32, 32)
+    with pytest.raises(UserError, match=r"^--hidden-dims \(64,\) differs from the --pretrained run's \(32, 32\)"):
+        run.take_pretrained(Args(hidden_dims=(64,)), pretrained, ("hidden_dims", "eval_every"))
+
+
 def test_checkpoint_payload_round_trip_with_extras(tmp_path):
     run_dir = str(tmp_path)
     agent = {"w": jnp.arange(3.0), "step": jnp.int32(4)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ import tyro
 
 from algorithms import wsrl
 from common import buffers, datasets
+from common.cli import UserError
 from tests.conftest import kill_after_checkpoint, run_script, scores
 
 OBSERVATION_DIM, ACTION_DIM, ROWS = 6, 2, 8
@@ -257,6 +259,19 @@ def test_the_batch_splits_into_consecutive_minibatches_online_rows_first():
         assert (np.asarray(rows["x"]) < 100).all()
 
 
+@pytest.mark.parametrize("batch_size, ratio, expected", [(100, 0.29, 28), (1024, 0.15, 153), (1024, 0.5, 512),
+                                                          (8, 0.1, 0)])
+def test_the_offline_share_is_rounded_down_as_officially(batch_size, ratio, expected):
+    # finetune.py: batch_size_offline = int(batch_size * offline_data_ratio); 100 x 0.29 = 28.999999999999996
+    assert wsrl.offline_rows_per_batch(wsrl.Args(batch_size=batch_size, offline_ratio=ratio)) == expected
+    online = buffers.from_arrays({"x": np.zeros(4, np.float32)})
+    offline = buffers.from_arrays({"x": np.ones(4, np.float32)})
+    batch = wsrl.sample_batch(jax.random.PRNGKey(0), online, offline,
+                              wsrl.Args(batch_size=batch_size, offline_ratio=ratio))
+    assert batch["x"].shape == (batch_size,) and int(batch["x"].sum()) == expected
+    wsrl.validate(wsrl.Args(batch_size=batch_size, offline_ratio=ratio, utd=1))  # any ratio in [0, 1] is taken
+
+
 def test_warmup_follows_the_official_rule():
     # finetune.py: no update while online step <= max(warmup, batch x (1 - ratio))
     assert wsrl.warmup_length(wsrl.Args(warmup_steps=5000, batch_size=1024)) == 5001
@@ -340,6 +355,25 @@ def test_bad_input_ends_in_one_message(flags, message, tmp_path):
     result = run_script("wsrl.py", *flags, "--log-dir", str(tmp_path), timeout=60)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir())  # nothing was started
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ensemble-size", "6"], "--ensemble-size 6 differs from the --pretrained run's 4: drop it."),
+    (["--critic-hidden-dims", "64", "64"], "--critic-hidden-dims (64, 64) differs from the --pretrained run's (32, 32)"),
+    (["--offline-steps", "50"], "--offline-steps 50 differs from the --pretrained run's 200"),
+    (["--pretraining", "cql"], "--pretraining cql differs from the --pretrained run's calql"),
+])
+def test_pretrained_refuses_a_conflicting_network_or_pretraining_flag(flags, message, reference_run, tmp_path):
+    """The pre-trained agent fixes its network and pre-training: a flag that says otherwise is an
+    error, not silently replaced (a flag equal to that run's, or not given, is fine)."""
+    with pytest.raises(UserError, match=re.escape(message)):
+        wsrl.read_pretrained(reference_run, tyro.cli(wsrl.Args, args=["--pretrained", reference_run, *flags]))
+    same = wsrl.read_pretrained(reference_run, wsrl.Args(ensemble_size=4, critic_hidden_dims=(32, 32), seed=3))
+    assert (same.ensemble_size, same.critic_hidden_dims, same.seed) == (4, (32, 32), 3)
+    if flags[0] == "--ensemble-size":  # from the command line: one message, nothing started
+        result = run_script("wsrl.py", "--pretrained", reference_run, *flags, "--log-dir", str(tmp_path), timeout=60)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+        assert not any(tmp_path.iterdir())
 
 
 def write_config(folder, record) -> str:

@@ -17,8 +17,9 @@ cannot be mapped leaf for leaf is itself reported), feeds our update the same ba
 Pairs (ours: the official code): rlpd.py: ikostrikov/rlpd SACLearner; cql.py (--recipe jaxcql)
 and calql.py: nakamotoo/Cal-QL JaxCQL ConservativeSAC without and with enable_calql; iql.py:
 ikostrikov/implicit_q_learning Learner; wsrl.py (fine-tuning and pre-training updates):
-zhouzypaul/wsrl SACAgent.update_high_utd and CalQLAgent / CQLAgent.update. docs/parity.md gives
-the parameter mappings and the shims each driver needs.
+zhouzypaul/wsrl SACAgent.update_high_utd and CalQLAgent / CQLAgent.update; off2on.py's fine-tuning
+update: shlee94/Off2OnRL OursTrainer.train_from_torch (PyTorch, CPU). docs/parity.md gives the
+parameter mappings and the shims each driver needs.
 
 Randomness is removed where the algorithm allows, so that it can neither hide a difference nor
 raise a false alarm: the actor's log-std output layer is set to kernel 0 and a bias below the
@@ -32,6 +33,7 @@ These change the initial parameters only; the official update runs as it is.
     python benchmarks/parity.py --algorithms rlpd --keys 200
     python benchmarks/parity.py --dry-run               # print the set-up and the driver commands only
     python benchmarks/parity.py --rlpd-source /path/to/rlpd
+    python benchmarks/parity.py --algorithms off2on --off2on-source /path/to/Off2OnRL
 
 It is not part of the fast test suite (it installs the reference code); tests/test_parity.py
 checks the mapping and the comparison on a stand-in "official" agent (ours with one deliberate
@@ -921,10 +923,11 @@ def off2on_cases(args: ParityArgs) -> list[dict]:
     """deterministic: every member's mean head kernel 0 and bias 0 and log-std head kernel 0 and
     bias -30 (below the -20 clip), so that the moment-matched policy is N(0, e^-20) on every row
     and a sample is tanh(0 + e^-20 noise), 0 to 1e-8; temperature e^-30; the density ratio's
-    last bias 0 (about half the rows at w = 0: the ReLU and the 1e-10 terms act). Members'
-    means are equal (0) because a mixture of equal means has variance exactly 0 in float32 for
-    any other value, where the official square root's gradient is 0/0 (NaN); at 0 the members'
-    e^-40 variances survive. The log-probabilities (entropy, temperature loss) keep the noise:
+    last bias 0 (about half the rows at w = 0: the ReLU and the 1e-10 terms act). The members'
+    means are 0, not another common value: for equal means m the float32 mixture variance
+    mean(m^2 + e^-40) - m^2 comes out 0, where the official square root's gradient is 0/0 (with
+    m = 0.5 every actor leaf but the clamped log-std heads is NaN after their update); at 0 the
+    e^-40 survives. The log-probabilities (entropy, temperature loss) keep the noise:
     compared in distribution. random: rlkit's own initialisation untouched, temperature 1 (all
     losses but the density ratio's in distribution)."""
     shared = {"hidden": args.hidden, "layers": 2, "ensemble_size": OFF2ON_MEMBERS, "seed": args.seed, "lr": 3e-4,

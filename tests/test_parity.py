@@ -286,3 +286,163 @@ def test_bad_flags_end_in_one_error_before_any_set_up(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing cloned or installed
     with pytest.raises(parity.UserError, match="--hidden must be at least 1"):
         parity.main(dataclasses.replace(ARGS, hidden=0, cache_dir=str(tmp_path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Off2On: a stand-in for shlee94/Off2OnRL's OursTrainer, made by our off2on.py and written in the
+# layout and the names of benchmarks/reference/off2on_parity.py (rlkit state_dicts, torch weights
+# (out, in), qf1 / qf2 as two ParallelMlp ensembles)
+
+OFF2ON_ARGS = dataclasses.replace(ARGS, keys=8)
+OFF2ON_INFO = {"critic_loss": "qf1_loss", "actor_loss": "policy_loss", "density_loss": "weight_loss",
+               "temperature": "alpha", "temperature_loss": "alpha_loss", "td_target": "q_target",
+               "priorities": "priorities"}
+
+
+def off2on_batches() -> dict:
+    return parity.off2on_batches(parity.make_batch(OFF2ON_ARGS.seed, parity.OFF2ON_ROWS * OFF2ON_ARGS.batch_size,
+                                                   OFF2ON_ARGS.observation_dim, OFF2ON_ARGS.action_dim))
+
+
+def off2on_their_layout(ours: dict) -> dict:
+    """Our flat parameters (actor/..., critic/..., ...) as the driver writes theirs; our
+    log_std_multiplier and log_std_offset have no place there and are dropped."""
+    theirs = {}
+    hidden = sorted({path.split("/")[2] for path in ours if path.startswith("actor/MLP_0/")})
+    for j, layer in enumerate(hidden):
+        for i, (kernel, bias) in enumerate(zip(ours[f"actor/MLP_0/{layer}/kernel"], ours[f"actor/MLP_0/{layer}/bias"])):
+            theirs[f"policy/policies/{i}/fc{j}/weight"], theirs[f"policy/policies/{i}/fc{j}/bias"] = kernel.T, bias
+    actions = ours["actor/Dense_0/bias"].shape[-1] // 2
+    for i, (kernel, bias) in enumerate(zip(ours["actor/Dense_0/kernel"], ours["actor/Dense_0/bias"])):
+        theirs[f"policy/policies/{i}/last_fc/weight"], theirs[f"policy/policies/{i}/last_fc/bias"] = \
+            kernel[:, :actions].T, bias[:actions]
+        theirs[f"policy/policies/{i}/last_fc_log_std/weight"], theirs[f"policy/policies/{i}/last_fc_log_std/bias"] = \
+            kernel[:, actions:].T, bias[actions:]
+    for network, (first, second) in (("critic", ("qf1", "qf2")), ("target_critic", ("target_qf1", "target_qf2"))):
+        layers = sorted({path.split("/")[3] for path in ours if path.startswith(f"{network}/VmapCritic_0/MLP_0/")})
+        named = [(f"VmapCritic_0/MLP_0/{layer}", f"h{j + 1}") for j, layer in enumerate(layers)]
+        for our_layer, their_layer in [*named, ("VmapCritic_0/Dense_0", "output")]:
+            for twin, name in enumerate((first, second)):
+                theirs[f"{name}/{their_layer}/weights"] = ours[f"{network}/{our_layer}/kernel"][:, twin]
+                theirs[f"{name}/{their_layer}/biases"] = ours[f"{network}/{our_layer}/bias"][:, twin, None]
+    density = sorted(path.split("/")[1] for path in ours if path.startswith("density/") and path.endswith("/kernel"))
+    for j, layer in enumerate(density):
+        name = "last_fc" if j == len(density) - 1 else f"fc{j}"
+        theirs[f"weight_net/{name}/weight"] = ours[f"density/{layer}/kernel"].T
+        theirs[f"weight_net/{name}/bias"] = ours[f"density/{layer}/bias"]
+    theirs["log_alpha"] = ours["temperature/log_value"]
+    return theirs
+
+
+def off2on_standin(cases: list[dict], batches: dict) -> dict:
+    """What the driver would write, made by our code from a fresh agent with the driver's
+    overrides (mean / log-std heads, the density's last bias, the temperature) and our extra
+    leaves at 1 and 0, so that the stand-in is expressible in their layout."""
+    arrays = {}
+    for settings in cases:
+        flat = {**parity.subtree(parity.off2on_our_side(settings, batches, None), "init"),
+                **{path: np.full(parity.OFF2ON_MEMBERS, value, np.float32)
+                   for path, value in parity.OFF2ON_EXTRA_LEAVES.items()}}
+        kernel, bias = flat["actor/Dense_0/kernel"].copy(), flat["actor/Dense_0/bias"].copy()
+        actions = bias.shape[-1] // 2
+        if "mean_bias" in settings["policy"]:
+            kernel[..., :actions], bias[..., :actions] = 0.0, settings["policy"]["mean_bias"]
+        if "log_std_bias" in settings["policy"]:
+            kernel[..., actions:], bias[..., actions:] = 0.0, settings["policy"]["log_std_bias"]
+        last = sorted(path for path in flat if path.startswith("density/") and path.endswith("/bias"))[-1]
+        flat.update({"actor/Dense_0/kernel": kernel, "actor/Dense_0/bias": bias,
+                     last: np.full_like(flat[last], settings["density"].get("last_bias", 1.0)),
+                     "temperature/log_value": np.float32(np.log(settings["init_alpha"]))})
+        ours = parity.off2on_our_side(settings, batches, unflatten(flat))
+        theirs = {**{f"init/{path}": value for path, value in off2on_their_layout(flat).items()},
+                  **{f"updated/{path}": value for path, value in
+                     off2on_their_layout(parity.subtree(ours, "updated")).items()},
+                  **{path: value for path, value in ours.items() if path.startswith("out/")}}
+        for prefix in ("info", "dist"):
+            part = parity.subtree(ours, prefix)
+            theirs.update({f"{prefix}/{OFF2ON_INFO.get(name, name)}": value for name, value in part.items()})
+            theirs[f"{prefix}/qf2_loss"] = np.zeros_like(part["critic_loss"])
+            theirs[f"{prefix}/log_pi"] = -part["entropy"]
+        arrays.update({f"{settings['case']}/{path}": value for path, value in theirs.items()})
+    return arrays
+
+
+@pytest.fixture(scope="module")
+def off2on_unchanged():
+    cases = parity.off2on_cases(OFF2ON_ARGS)
+    return cases, off2on_standin(cases, off2on_batches())
+
+
+def test_off2on_unchanged_standin_passes_all_but_the_named_mapping_finding(off2on_unchanged):
+    """Unchanged, every check passes except the strict mapping one, which names our two actor
+    leaves that rlkit's policy lacks (log-std multiplier and offset)."""
+    cases, theirs = off2on_unchanged
+    checks = parity.compare_off2on(cases, parity.make_batch(OFF2ON_ARGS.seed, parity.OFF2ON_ROWS * OFF2ON_ARGS.batch_size,
+                                                            OFF2ON_ARGS.observation_dim, OFF2ON_ARGS.action_dim),
+                                   theirs, parity.DEFAULT_Z)
+    assert failed(checks) == {("deterministic", "parameter mapping"), ("random", "parameter mapping")}
+    strict = next(check for check in checks if check.quantity == "parameter mapping")
+    assert "only ours: actor/log_std_multiplier, actor/log_std_offset" in strict.note
+    quantities = {check.quantity for check in checks}
+    assert {"q1 before the update", "policy_std before the update", "w_online before the update", "td_target",
+            "priorities", "density_loss", "critic parameters after the update", "density parameters after the update",
+            "entropy (mean over keys)", "updated_member_log_std (mean over keys)"} <= quantities
+    assert {check.kind for check in checks} == {"mapping", "exact", "distribution"}
+
+
+def test_off2on_min_over_members_in_the_actor_loss_is_reported(monkeypatch):
+    """The stand-in's actor maximises the MIN over the members' twin minima (off2on.py and the
+    official code: the mean)."""
+    from algorithms import off2on
+
+    def min_members(actor_params, key, batch, critic_params, temperature, config):
+        actions, log_probs = off2on.policy_sample(key, actor_params, batch["observations"], config)
+        q = off2on.member_q(critic_params, batch["observations"], actions, config).min(1).min(0)
+        return (temperature * log_probs - q).mean(), -log_probs.mean()
+
+    cases = parity.off2on_cases(OFF2ON_ARGS)[:1]
+    batches = off2on_batches()
+    with monkeypatch.context() as patch:
+        patch.setattr(off2on, "actor_loss", min_members)
+        theirs = off2on_standin(cases, batches)
+    batch = parity.make_batch(OFF2ON_ARGS.seed, parity.OFF2ON_ROWS * OFF2ON_ARGS.batch_size,
+                              OFF2ON_ARGS.observation_dim, OFF2ON_ARGS.action_dim)
+    bad = failed(parity.compare_off2on(cases, batch, theirs, parity.DEFAULT_Z))
+    assert ("deterministic", "actor_loss") in bad
+    assert ("deterministic", "actor parameters after the update") in bad
+    assert ("deterministic", "critic parameters after the update") not in bad
+    assert ("deterministic", "priorities") not in bad
+
+
+def test_off2on_priorities_without_the_offline_normalisation_are_reported(monkeypatch):
+    """The stand-in's new priorities are w^(1/T), not divided by the offline rows' mean."""
+    from algorithms import off2on
+    cases = parity.off2on_cases(OFF2ON_ARGS)[1:]
+    batches = off2on_batches()
+    with monkeypatch.context() as patch:
+        patch.setattr(off2on, "new_priorities", lambda w_rl, w_offline, temperature: jnp.clip(
+            w_rl ** (1.0 / temperature), 1e-3, 1e3))
+        theirs = off2on_standin(cases, batches)
+    batch = parity.make_batch(OFF2ON_ARGS.seed, parity.OFF2ON_ROWS * OFF2ON_ARGS.batch_size,
+                              OFF2ON_ARGS.observation_dim, OFF2ON_ARGS.action_dim)
+    bad = failed(parity.compare_off2on(cases, batch, theirs, parity.DEFAULT_Z))
+    assert bad == {("random", "parameter mapping"), ("random", "priorities")}
+
+
+def test_off2on_mapping_places_every_leaf():
+    """rlkit's layout (policies[i].fc_j / last_fc / last_fc_log_std as torch (out, in) weights;
+    qf1 and qf2 as ParallelMlp ensembles with (N, in, out) weights and (N, 1, out) biases;
+    ConcatMlp's fc_j / last_fc) lands where our trees hold it."""
+    case = parity.off2on_cases(OFF2ON_ARGS)[0]
+    batches = off2on_batches()
+    fresh = parity.subtree(parity.off2on_our_side(case, batches, None), "init")
+    numbered = {path: np.arange(np.size(value), dtype=np.float32).reshape(np.shape(value)) + 0.5
+                for path, value in fresh.items()}
+    theirs = off2on_their_layout(numbered)
+    assert theirs["qf2/h1/weights"].shape == (parity.OFF2ON_MEMBERS, OFF2ON_ARGS.observation_dim + OFF2ON_ARGS.action_dim,
+                                             OFF2ON_ARGS.hidden)
+    assert theirs["policy/policies/0/last_fc_log_std/weight"].shape == (OFF2ON_ARGS.action_dim, OFF2ON_ARGS.hidden)
+    mapped = parity.off2on_mapping(theirs, fill=True)
+    assert parity.mapping_check("off2on", "c", "m", mapped, fresh).passed
+    for path in set(fresh) - set(parity.OFF2ON_EXTRA_LEAVES):
+        np.testing.assert_array_equal(mapped[path], numbered[path], err_msg=path)

@@ -56,7 +56,12 @@ def standin(cases: list[dict], rows: dict) -> dict:
 
 
 def failed(checks) -> set[tuple[str, str]]:
-    return {(check.case, check.quantity) for check in checks if not check.passed}
+    """The checks that fail: not passed and not a named deviation."""
+    return {(check.case, check.quantity) for check in checks if check.status == "fail"}
+
+
+def named(checks) -> set[tuple[str, str]]:
+    return {(check.case, check.quantity) for check in checks if check.status == "named deviation"}
 
 
 @pytest.fixture(scope="module")
@@ -286,3 +291,227 @@ def test_bad_flags_end_in_one_error_before_any_set_up(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing cloned or installed
     with pytest.raises(parity.UserError, match="--hidden must be at least 1"):
         parity.main(dataclasses.replace(ARGS, hidden=0, cache_dir=str(tmp_path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Off2On: a stand-in for shlee94/Off2OnRL's OursTrainer, made by our off2on.py and written in the
+# layout and the names of benchmarks/reference/off2on_parity.py (rlkit state_dicts, torch weights
+# (out, in), qf1 / qf2 as two ParallelMlp ensembles)
+
+OFF2ON_ARGS = dataclasses.replace(ARGS, keys=8)
+OFF2ON_INFO = {"critic_loss": "qf1_loss", "actor_loss": "policy_loss", "density_loss": "weight_loss",
+               "temperature": "alpha", "temperature_loss": "alpha_loss", "td_target": "q_target",
+               "priorities": "priorities"}
+
+
+def off2on_batches() -> dict:
+    return parity.off2on_batches(parity.make_batch(OFF2ON_ARGS.seed, parity.OFF2ON_ROWS * OFF2ON_ARGS.batch_size,
+                                                   OFF2ON_ARGS.observation_dim, OFF2ON_ARGS.action_dim))
+
+
+def off2on_their_layout(ours: dict) -> dict:
+    """Our flat parameters (actor/..., critic/..., ...) as the driver writes theirs; our
+    log_std_multiplier and log_std_offset have no place there and are dropped."""
+    theirs = {}
+    hidden = sorted({path.split("/")[2] for path in ours if path.startswith("actor/MLP_0/")})
+    for j, layer in enumerate(hidden):
+        for i, (kernel, bias) in enumerate(zip(ours[f"actor/MLP_0/{layer}/kernel"], ours[f"actor/MLP_0/{layer}/bias"])):
+            theirs[f"policy/policies/{i}/fc{j}/weight"], theirs[f"policy/policies/{i}/fc{j}/bias"] = kernel.T, bias
+    actions = ours["actor/Dense_0/bias"].shape[-1] // 2
+    for i, (kernel, bias) in enumerate(zip(ours["actor/Dense_0/kernel"], ours["actor/Dense_0/bias"])):
+        theirs[f"policy/policies/{i}/last_fc/weight"], theirs[f"policy/policies/{i}/last_fc/bias"] = \
+            kernel[:, :actions].T, bias[:actions]
+        theirs[f"policy/policies/{i}/last_fc_log_std/weight"], theirs[f"policy/policies/{i}/last_fc_log_std/bias"] = \
+            kernel[:, actions:].T, bias[actions:]
+    for network, (first, second) in (("critic", ("qf1", "qf2")), ("target_critic", ("target_qf1", "target_qf2"))):
+        layers = sorted({path.split("/")[3] for path in ours if path.startswith(f"{network}/VmapCritic_0/MLP_0/")})
+        named = [(f"VmapCritic_0/MLP_0/{layer}", f"h{j + 1}") for j, layer in enumerate(layers)]
+        for our_layer, their_layer in [*named, ("VmapCritic_0/Dense_0", "output")]:
+            for twin, name in enumerate((first, second)):
+                theirs[f"{name}/{their_layer}/weights"] = ours[f"{network}/{our_layer}/kernel"][:, twin]
+                theirs[f"{name}/{their_layer}/biases"] = ours[f"{network}/{our_layer}/bias"][:, twin, None]
+    density = sorted(path.split("/")[1] for path in ours if path.startswith("density/") and path.endswith("/kernel"))
+    for j, layer in enumerate(density):
+        name = "last_fc" if j == len(density) - 1 else f"fc{j}"
+        theirs[f"weight_net/{name}/weight"] = ours[f"density/{layer}/kernel"].T
+        theirs[f"weight_net/{name}/bias"] = ours[f"density/{layer}/bias"]
+    theirs["log_alpha"] = ours["temperature/log_value"]
+    return theirs
+
+
+def off2on_standin(cases: list[dict], batches: dict) -> dict:
+    """What the driver would write, made by our code from a fresh agent with the driver's
+    overrides (mean / log-std heads, the density's last bias, the temperature) and our extra
+    leaves at 1 and 0, so that the stand-in is expressible in their layout."""
+    arrays = {}
+    for settings in cases:
+        flat = {**parity.subtree(parity.off2on_our_side(settings, batches, None), "init"),
+                **{path: np.full(parity.OFF2ON_MEMBERS, value, np.float32)
+                   for path, value in parity.OFF2ON_EXTRA_LEAVES.items()}}
+        kernel, bias = flat["actor/Dense_0/kernel"].copy(), flat["actor/Dense_0/bias"].copy()
+        actions = bias.shape[-1] // 2
+        if "mean_bias" in settings["policy"]:
+            kernel[..., :actions], bias[..., :actions] = 0.0, settings["policy"]["mean_bias"]
+        if "log_std_bias" in settings["policy"]:
+            kernel[..., actions:], bias[..., actions:] = 0.0, settings["policy"]["log_std_bias"]
+        last = sorted(path for path in flat if path.startswith("density/") and path.endswith("/bias"))[-1]
+        flat.update({"actor/Dense_0/kernel": kernel, "actor/Dense_0/bias": bias,
+                     last: np.full_like(flat[last], settings["density"].get("last_bias", 1.0)),
+                     "temperature/log_value": np.float32(np.log(settings["init_alpha"]))})
+        ours = parity.off2on_our_side(settings, batches, unflatten(flat))
+        theirs = {**{f"init/{path}": value for path, value in off2on_their_layout(flat).items()},
+                  **{f"updated/{path}": value for path, value in
+                     off2on_their_layout(parity.subtree(ours, "updated")).items()},
+                  **{path: value for path, value in ours.items() if path.startswith("out/")}}
+        for prefix in ("info", "dist"):
+            part = parity.subtree(ours, prefix)
+            if prefix == "dist":  # rlkit's policy has no log-std multiplier and offset: as ours with them reset
+                part = {name: part.get(f"{name}_scalars_reset", value) for name, value in part.items()
+                        if not name.endswith("_scalars_reset")}
+            theirs.update({f"{prefix}/{OFF2ON_INFO.get(name, name)}": value for name, value in part.items()})
+            theirs[f"{prefix}/qf2_loss"] = np.zeros_like(part["critic_loss"])
+            theirs[f"{prefix}/log_pi"] = -part["entropy"]
+        arrays.update({f"{settings['case']}/{path}": value for path, value in theirs.items()})
+    return arrays
+
+
+@pytest.fixture(scope="module")
+def off2on_unchanged():
+    cases = parity.off2on_cases(OFF2ON_ARGS)
+    return cases, off2on_standin(cases, off2on_batches())
+
+
+def off2on_batch() -> dict:
+    return parity.make_batch(OFF2ON_ARGS.seed, parity.OFF2ON_ROWS * OFF2ON_ARGS.batch_size,
+                             OFF2ON_ARGS.observation_dim, OFF2ON_ARGS.action_dim)
+
+
+RESET = "our log-std multiplier and offset reset to 1 and 0 after the step (mean over keys)"
+
+
+def test_off2on_unchanged_standin_fails_nothing_and_reports_the_named_deviation(off2on_unchanged):
+    """Unchanged (a stand-in whose policy, like rlkit's, has no log-std multiplier and offset),
+    no check fails: the strict mapping check, which names our two actor leaves that rlkit's
+    policy lacks, is the named deviation, and so is the raw updated log-std where it differs;
+    the same summaries with our two scalars reset after the step pass. The exit code is 0."""
+    cases, theirs = off2on_unchanged
+    checks = parity.compare_off2on(cases, off2on_batch(), theirs, parity.DEFAULT_Z)
+    assert failed(checks) == set()
+    assert {("deterministic", "parameter mapping"), ("random", "parameter mapping")} <= named(checks) <= {
+        ("deterministic", "parameter mapping"), ("random", "parameter mapping"),
+        *((case, f"{metric} (mean over keys)") for case in ("deterministic", "random")
+          for metric in parity.OFF2ON_LOG_STD_SUMMARIES)}
+    strict = next(check for check in checks if check.quantity == "parameter mapping")
+    assert not strict.passed and strict.deviation == parity.OFF2ON_LOG_STD_DEVIATION.text
+    assert "only ours: actor/log_std_multiplier, actor/log_std_offset" in strict.note
+    assert "algorithms/off2on.py" in strict.deviation and "docs/algorithms/off2on.md" in strict.deviation
+    for metric in parity.OFF2ON_LOG_STD_SUMMARIES:
+        reset = next(check for check in checks if check.case == "random" and check.quantity == f"{metric}, {RESET}")
+        assert reset.passed and reset.max_abs == 0.0  # the stand-in's "theirs" is ours reset
+    assert parity.exit_code(checks) == 0
+    assert all(check.deviation is None for check in checks if check.status != "named deviation")
+    table = parity.summary_table(checks)
+    assert "| off2on | mapping | 4 | 2 | 2 |" in table and "Named deviations" in table
+    assert dataclasses.asdict(strict)["deviation"] == parity.OFF2ON_LOG_STD_DEVIATION.text
+    quantities = {check.quantity for check in checks}
+    assert {"q1 before the update", "policy_std before the update", "w_online before the update", "td_target",
+            "priorities", "density_loss", "critic parameters after the update", "density parameters after the update",
+            "entropy (mean over keys)", "updated_member_log_std (mean over keys)"} <= quantities
+    assert {check.kind for check in checks} == {"mapping", "exact", "distribution"}
+
+
+def test_off2on_another_unmapped_leaf_fails_the_mapping_check(off2on_unchanged):
+    """Only the multiplier and offset are the named deviation: one more leaf ours has and theirs
+    lacks (here the temperature, log_alpha left out of their arrays) fails the
+    strict mapping check, unnamed, and the exit code is 1."""
+    cases, theirs = off2on_unchanged
+    theirs = {path: value for path, value in theirs.items() if path != "random/init/log_alpha"}
+    checks = parity.compare_off2on(cases[1:], off2on_batch(), theirs, parity.DEFAULT_Z)
+    strict = next(check for check in checks if check.quantity == "parameter mapping")
+    assert strict.status == "fail" and strict.deviation is None
+    assert "only ours: actor/log_std_multiplier, actor/log_std_offset, temperature/log_value" in strict.note
+    assert parity.exit_code(checks) == 1
+
+
+def test_off2on_another_log_std_difference_fails_with_the_scalars_reset(off2on_unchanged):
+    """A difference in the updated log-std that the two scalars do not explain (here their
+    summaries shifted by 0.01) is not covered: the raw check is the named deviation, its twin with
+    the scalars reset fails, and the exit code is 1."""
+    cases, theirs = off2on_unchanged
+    theirs = {path: value + 0.01 if path in ("random/dist/updated_member_log_std", "random/dist/updated_policy_std")
+              else value for path, value in theirs.items()}
+    checks = parity.compare_off2on(cases[1:], off2on_batch(), theirs, parity.DEFAULT_Z)
+    assert failed(checks) == {("random", f"{metric}, {RESET}") for metric in parity.OFF2ON_LOG_STD_SUMMARIES}
+    assert {("random", f"{metric} (mean over keys)") for metric in parity.OFF2ON_LOG_STD_SUMMARIES} <= named(checks)
+    assert parity.exit_code(checks) == 1
+
+
+def test_a_deviation_no_longer_named_by_the_algorithm_file_fails(monkeypatch):
+    """NamedDeviation marks a failed check only while its files still contain their phrases;
+    a passing check is left alone."""
+    check = lambda passed: parity.Check("off2on", "c", "m", "exact", 1.0, 1.0, "-", passed)  # noqa: E731
+    assert parity.OFF2ON_LOG_STD_DEVIATION.unnamed() == []
+    assert parity.OFF2ON_LOG_STD_DEVIATION.mark(check(False)).status == "named deviation"
+    assert parity.OFF2ON_LOG_STD_DEVIATION.mark(check(True)).status == "pass"
+    gone = parity.NamedDeviation("x", (("algorithms/off2on.py", "a phrase the file does not contain"),))
+    marked = gone.mark(check(False))
+    assert marked.status == "fail" and "algorithms/off2on.py no longer names it" in marked.note
+    assert parity.exit_code([marked]) == 1 and parity.exit_code([check(True)]) == 0
+
+
+def test_off2on_min_over_members_in_the_actor_loss_is_reported(monkeypatch):
+    """The stand-in's actor maximises the MIN over the members' twin minima (off2on.py and the
+    official code: the mean)."""
+    from algorithms import off2on
+
+    def min_members(actor_params, key, batch, critic_params, temperature, config):
+        actions, log_probs = off2on.policy_sample(key, actor_params, batch["observations"], config)
+        q = off2on.member_q(critic_params, batch["observations"], actions, config).min(1).min(0)
+        return (temperature * log_probs - q).mean(), -log_probs.mean()
+
+    cases = parity.off2on_cases(OFF2ON_ARGS)[:1]
+    batches = off2on_batches()
+    with monkeypatch.context() as patch:
+        patch.setattr(off2on, "actor_loss", min_members)
+        theirs = off2on_standin(cases, batches)
+    batch = parity.make_batch(OFF2ON_ARGS.seed, parity.OFF2ON_ROWS * OFF2ON_ARGS.batch_size,
+                              OFF2ON_ARGS.observation_dim, OFF2ON_ARGS.action_dim)
+    bad = failed(parity.compare_off2on(cases, batch, theirs, parity.DEFAULT_Z))
+    assert ("deterministic", "actor_loss") in bad
+    assert ("deterministic", "actor parameters after the update") in bad
+    assert ("deterministic", "critic parameters after the update") not in bad
+    assert ("deterministic", "priorities") not in bad
+
+
+def test_off2on_priorities_without_the_offline_normalisation_are_reported(monkeypatch):
+    """The stand-in's new priorities are w^(1/T), not divided by the offline rows' mean."""
+    from algorithms import off2on
+    cases = parity.off2on_cases(OFF2ON_ARGS)[1:]
+    batches = off2on_batches()
+    with monkeypatch.context() as patch:
+        patch.setattr(off2on, "new_priorities", lambda w_rl, w_offline, temperature: jnp.clip(
+            w_rl ** (1.0 / temperature), 1e-3, 1e3))
+        theirs = off2on_standin(cases, batches)
+    batch = parity.make_batch(OFF2ON_ARGS.seed, parity.OFF2ON_ROWS * OFF2ON_ARGS.batch_size,
+                              OFF2ON_ARGS.observation_dim, OFF2ON_ARGS.action_dim)
+    bad = failed(parity.compare_off2on(cases, batch, theirs, parity.DEFAULT_Z))
+    assert bad == {("random", "priorities")}
+
+
+def test_off2on_mapping_places_every_leaf():
+    """rlkit's layout (policies[i].fc_j / last_fc / last_fc_log_std as torch (out, in) weights;
+    qf1 and qf2 as ParallelMlp ensembles with (N, in, out) weights and (N, 1, out) biases;
+    ConcatMlp's fc_j / last_fc) lands where our trees hold it."""
+    case = parity.off2on_cases(OFF2ON_ARGS)[0]
+    batches = off2on_batches()
+    fresh = parity.subtree(parity.off2on_our_side(case, batches, None), "init")
+    numbered = {path: np.arange(np.size(value), dtype=np.float32).reshape(np.shape(value)) + 0.5
+                for path, value in fresh.items()}
+    theirs = off2on_their_layout(numbered)
+    assert theirs["qf2/h1/weights"].shape == (parity.OFF2ON_MEMBERS, OFF2ON_ARGS.observation_dim + OFF2ON_ARGS.action_dim,
+                                             OFF2ON_ARGS.hidden)
+    assert theirs["policy/policies/0/last_fc_log_std/weight"].shape == (OFF2ON_ARGS.action_dim, OFF2ON_ARGS.hidden)
+    mapped = parity.off2on_mapping(theirs, fill=True)
+    assert parity.mapping_check("off2on", "c", "m", mapped, fresh).passed
+    for path in set(fresh) - set(parity.OFF2ON_EXTRA_LEAVES):
+        np.testing.assert_array_equal(mapped[path], numbered[path], err_msg=path)

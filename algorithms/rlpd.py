@@ -33,7 +33,9 @@ Other domains (kitchen) take the official defaults (2x256, Z=2, backup on, G=20,
 finish in about 10 minutes on a 2-core CPU: 2x64, Z=2, backup on, G=10, 15k steps, 1000 random
 (still E=10 LayerNorm critics and symmetric sampling).
 
-Deviations: none in the algorithm. Our own additions: `--offline-steps` (the official
+Deviations: none in the algorithm (benchmarks/parity.py checks the update against SACLearner's).
+Logged differently: the temperature after its step (the official code logs it before), and the
+mean of the G critic steps' metrics (the official code logs the last one's). Our own additions: `--offline-steps` (the official
 `pretrain_steps`, offline-only updates before the online phase, 0 by default), atomic
 checkpoints at episode boundaries with exact resume, and an offline ratio other than 0.5.
 

@@ -1118,14 +1118,14 @@ class _FixedBatches:
         import jax.numpy as jnp
         from algorithms import off2on
         from common import priorities
-        self.saved = {name: getattr(off2on, name) for name in ("priorities", "buffers", "gather_rows", "sample_recent")}
+        self.saved = {name: getattr(off2on, name) for name in ("priorities", "buffers")}
         rows = len(self.rl["observations"])
         off2on.priorities = types.SimpleNamespace(
             sample=lambda tree, key, count: (jnp.arange(count, dtype=jnp.int32), jnp.full(count, 1.0 / rows)),
             update=priorities.update)
-        off2on.buffers = types.SimpleNamespace(sample=lambda buffer, key, shape: self.offline_rows)
-        off2on.gather_rows = lambda offline, online, indices: self.rl
-        off2on.sample_recent = lambda online, key, count, window: self.online_rows
+        off2on.buffers = types.SimpleNamespace(sample=lambda buffer, key, shape: self.offline_rows,
+                                               gather_union=lambda offline, online, indices: self.rl,
+                                               sample_newest=lambda online, key, count, window: self.online_rows)
         return self
 
     def __exit__(self, *exc):

@@ -360,6 +360,11 @@ def rlpd_fresh_params(case: dict, observation_dim: int, action_dim: int) -> dict
     return flatten(rlpd_our_params(agent))
 
 
+def fresh_state(state, params):
+    """A TrainState holding `params` with a fresh optimizer state (the official agent's are fresh too)."""
+    return state.replace(params=params, opt_state=state.tx.init(params))
+
+
 def rlpd_our_agent(case: dict, params: dict[str, dict], observation_dim: int, action_dim: int):
     """Our agent and config holding the given (our layout, nested) parameters with fresh Adam
     states, built from rlpd.py's own functions (make_config, create_agent)."""
@@ -372,12 +377,9 @@ def rlpd_our_agent(case: dict, params: dict[str, dict], observation_dim: int, ac
     agent = rlpd.create_agent(args, config, observation_dim, action_dim)
     params = jax.tree_util.tree_map(jnp.asarray, params)
 
-    def fresh(state, new_params):
-        return state.replace(params=new_params, opt_state=state.tx.init(new_params))
-
-    agent = agent.replace(actor=fresh(agent.actor, params["actor"]), critic=fresh(agent.critic, params["critic"]),
+    agent = agent.replace(actor=fresh_state(agent.actor, params["actor"]), critic=fresh_state(agent.critic, params["critic"]),
                           target_critic_params=params["target_critic"],
-                          temperature=fresh(agent.temperature, params["temp"]))
+                          temperature=fresh_state(agent.temperature, params["temp"]))
     return agent, config
 
 
@@ -571,13 +573,10 @@ def jaxcql_our_side(module, case: dict, batch: dict, params: dict | None) -> dic
         return flatten({"init": jaxcql_our_params(agent)})
     params = jax.tree_util.tree_map(jnp.asarray, params)
 
-    def fresh(state, new_params):
-        return state.replace(params=new_params, opt_state=state.tx.init(new_params))
-
-    agent = agent.replace(actor=fresh(agent.actor, params["actor"]), critic=fresh(agent.critic, params["critic"]),
+    agent = agent.replace(actor=fresh_state(agent.actor, params["actor"]), critic=fresh_state(agent.critic, params["critic"]),
                           target_critic_params=params["target_critic"],
-                          temperature=fresh(agent.temperature, params["temperature"]),
-                          alpha_prime=fresh(agent.alpha_prime, params["alpha_prime"]))
+                          temperature=fresh_state(agent.temperature, params["temperature"]),
+                          alpha_prime=fresh_state(agent.alpha_prime, params["alpha_prime"]))
     rows = {name: jnp.asarray(value) for name, value in batch.items()}
     mean, log_std = config.actor.apply({"params": agent.actor.params}, rows["observations"])
     q = config.critic.apply({"params": agent.critic.params}, rows["observations"], rows["actions"])
@@ -719,11 +718,8 @@ def iql_our_side(case: dict, batch: dict, params: dict | None) -> dict:
         return flatten({"init": iql_our_params(agent)})
     params = jax.tree_util.tree_map(jnp.asarray, params)
 
-    def fresh(state, new_params):
-        return state.replace(params=new_params, opt_state=state.tx.init(new_params))
-
-    agent = agent.replace(actor=fresh(agent.actor, params["actor"]), critic=fresh(agent.critic, params["critic"]),
-                          value=fresh(agent.value, params["value"]), target_critic_params=params["target_critic"])
+    agent = agent.replace(actor=fresh_state(agent.actor, params["actor"]), critic=fresh_state(agent.critic, params["critic"]),
+                          value=fresh_state(agent.value, params["value"]), target_critic_params=params["target_critic"])
     rows = {name: jnp.asarray(value) for name, value in batch.items()}
     q = config.critic.apply({"params": agent.critic.params}, rows["observations"], rows["actions"])
     mean, log_std = config.actor.apply({"params": agent.actor.params}, rows["observations"])
@@ -883,14 +879,11 @@ def wsrl_our_side(case: dict, batch: dict, params: dict | None) -> dict:
         return flatten({"init": wsrl_our_params(agent, case)})
     params = jax.tree_util.tree_map(jnp.asarray, params)
 
-    def fresh(state, new_params):
-        return state.replace(params=new_params, opt_state=state.tx.init(new_params))
-
-    agent = agent.replace(actor=fresh(agent.actor, params["actor"]), critic=fresh(agent.critic, params["critic"]),
-                          temperature=fresh(agent.temperature, params["temperature"]),
+    agent = agent.replace(actor=fresh_state(agent.actor, params["actor"]), critic=fresh_state(agent.critic, params["critic"]),
+                          temperature=fresh_state(agent.temperature, params["temperature"]),
                           target_critic_params=params["target_critic"])
     if "alpha_prime" in params:
-        agent = agent.replace(alpha_prime=fresh(agent.alpha_prime, params["alpha_prime"]))
+        agent = agent.replace(alpha_prime=fresh_state(agent.alpha_prime, params["alpha_prime"]))
     rows = {name: jnp.asarray(batch[name]) for name in ("observations", "actions", "rewards", "masks",
                                                         "next_observations", "mc_returns")}
     mean, log_std = config.actor.apply({"params": agent.actor.params}, rows["observations"])
@@ -1158,12 +1151,9 @@ def off2on_our_side(case: dict, batches: dict, params: dict | None) -> dict:
         return flatten({"init": ours(agent)})
     params = jax.tree_util.tree_map(jnp.asarray, params)
 
-    def fresh(state, new_params):
-        return state.replace(params=new_params, opt_state=state.tx.init(new_params))
-
-    agent = agent.replace(actor=fresh(agent.actor, params["actor"]), critic=fresh(agent.critic, params["critic"]),
-                          temperature=fresh(agent.temperature, params["temperature"]),
-                          density=fresh(agent.density, params["density"]), target_critic_params=params["target_critic"])
+    agent = agent.replace(actor=fresh_state(agent.actor, params["actor"]), critic=fresh_state(agent.critic, params["critic"]),
+                          temperature=fresh_state(agent.temperature, params["temperature"]),
+                          density=fresh_state(agent.density, params["density"]), target_critic_params=params["target_critic"])
     rl = {"observations": batches["rl_observations"], "actions": batches["rl_actions"],
           "rewards": batches["rl_rewards"][:, 0], "masks": batches["rl_masks"],
           "next_observations": batches["rl_next_observations"]}

@@ -1387,9 +1387,9 @@ def main(args: ParityArgs) -> int:
     with tempfile.TemporaryDirectory() as folder:
         for algorithm in args.algorithms:
             reference = PAIRS[algorithm].reference
-            for check in run_algorithm(args, algorithm, folder):
-                checks.append(check)
-                emit({**dataclasses.asdict(check), "reference": reference.repository,
+            for result in run_algorithm(args, algorithm, folder):
+                checks.append(result)
+                emit({**dataclasses.asdict(result), "reference": reference.repository,
                       "reference_commit": compare.source_and_commit(args, reference)[1], "ours": ours,
                       "date": date}, args.json_out)
     print()

@@ -253,7 +253,6 @@ def test_wsrl_mapping_places_every_leaf_and_reports_per_member_heads():
     """zhouzypaul/wsrl's ModuleDict layout (the critic's vmapped trunks under `network`, ONE shared
     head Dense_0) maps onto wsrl.py's critic; critics with a head each (a leading axis of 10 on
     the head) are a mapping difference that names the head."""
-    from algorithms import wsrl  # noqa: F401  (the module the fresh tree comes from)
     settings = parity.wsrl_cases(ARGS)[0]
     obs, act, hidden, members = ARGS.observation_dim, ARGS.action_dim, ARGS.hidden, 10
     norms = {f"LayerNorm_{i}/{leaf}": np.ones(hidden, np.float32) for i in range(2) for leaf in ("scale", "bias")}

@@ -685,8 +685,7 @@ def load_offline_data(task: datasets.Task, dataset, action_space, args: Args) ->
 
 def failure_reward(args: Args, task: datasets.Task) -> float | None:
     """The (transformed) reward of every step of a failed episode on sparse-reward tasks."""
-    sparse = task.domain == "antmaze" or (task.domain == "pointmaze" and "dense" not in str(task.dataset_id))
-    return float(transform_rewards(0.0, args)) if sparse else None
+    return float(transform_rewards(0.0, args)) if task.sparse_reward else None
 
 
 def monte_carlo_returns(rewards, ends, terminated, args: Args, task: datasets.Task) -> np.ndarray:

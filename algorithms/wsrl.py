@@ -713,8 +713,7 @@ def validate(args: Args) -> None:
 
 def failure_reward(args: Args, task: datasets.Task) -> float | None:
     """The (transformed) reward of every step of a failed episode on sparse-reward tasks."""
-    sparse = task.domain == "antmaze" or (task.domain == "pointmaze" and "dense" not in str(task.dataset_id))
-    return float(transform_rewards(0.0, args)) if sparse else None
+    return float(transform_rewards(0.0, args)) if task.sparse_reward else None
 
 
 def load_offline_data(task: datasets.Task, dataset, action_space, args: Args) -> dict[str, np.ndarray]:

@@ -5,7 +5,7 @@ Two kinds of dataset, both written into Minari's local dataset directory
 ``minari.load_dataset(dataset_id)`` finds them. Nothing is downloaded and nothing is faked:
 every transition comes from stepping the environment.
 
-PointMaze (``local/pointmaze/{open,umaze,medium,large}[-dense]-v0``)
+PointMaze (``local/pointmaze/{open,umaze,medium,large}[-dense][-{N}k]-v0``; ``-{N}k``: N thousand steps)
     Minari's own recipe for its ``D4RL/pointmaze/*`` data (Farama-Foundation/
     minari-dataset-generation-scripts, ``scripts/pointmaze``), which follows D4RL's maze2d:
 
@@ -119,6 +119,8 @@ CODE = "common/builders.py (command line: benchmarks/build_dataset.py)"
 BUILDABLE_PATTERNS: list[str] = [
     "local/pointmaze/{open,umaze,medium,large}-v0",
     "local/pointmaze/{open,umaze,medium,large}-dense-v0",
+    "local/pointmaze/{open,umaze,medium,large}[-dense]-{N}k-v0  (N thousand steps instead of the"
+    " default 200k, e.g. local/pointmaze/medium-30k-v0)",
     "local/{envname}/random-v0  (envname: a Gymnasium MuJoCo v5 env lower-cased, e.g. hopper,"
     " halfcheetah, walker2d, ant, invertedpendulum)",
     "local/{envname}/ours-random-v0, ours-medium-replay-v0, ours-medium-expert-v0  (our successors"
@@ -920,7 +922,7 @@ def _install(staging: Path, root: Path, dataset_id: str, overwrite: bool) -> Non
 # --------------------------------------------------------------------------- ids
 
 
-_POINTMAZE_ID = re.compile(r"local/pointmaze/(open|umaze|medium|large)(-dense)?-v0")
+_POINTMAZE_ID = re.compile(r"local/pointmaze/(open|umaze|medium|large)(-dense)?(?:-([1-9][0-9]*)k)?-v0")
 _RANDOM_ID = re.compile(r"local/([a-z0-9_]+)/random-v0")
 _SUCCESSOR_ID = re.compile(r"local/([a-z0-9_]+)/ours-(random|medium-replay|medium-expert)-v0")
 _SUCCESSOR_BUILDERS = {"random": lambda: build_random_successor,
@@ -932,7 +934,8 @@ def _builder(dataset_id: str) -> Callable[..., minari.MinariDataset] | None:
     """The zero-argument build for a buildable local id, else None."""
     if match := _POINTMAZE_ID.fullmatch(dataset_id):
         maze, dense = match.group(1), match.group(2) is not None
-        return lambda **kw: build_pointmaze(maze, dense, dataset_id=dataset_id, **kw)
+        num_steps = int(match.group(3)) * 1000 if match.group(3) else DEFAULT_POINTMAZE_STEPS
+        return lambda **kw: build_pointmaze(maze, dense, num_steps, dataset_id=dataset_id, **kw)
     if (match := _RANDOM_ID.fullmatch(dataset_id)) and match.group(1) in mujoco_v5_envs():
         env_id = mujoco_v5_envs()[match.group(1)]
         return lambda **kw: build_from_policy(env_id, None, dataset_id=dataset_id, **kw)

@@ -101,6 +101,12 @@ class Task:
     env_id: str | None  # Gymnasium id for online-only runs; datasets carry their own env spec
     domain: str
 
+    @property
+    def sparse_reward(self) -> bool:
+        """Reward 1 at the goal and 0 elsewhere: AntMaze and the sparse PointMaze sets."""
+        dense = "dense" in str(self.dataset_id or self.env_id).lower()
+        return self.domain == "antmaze" or (self.domain == "pointmaze" and not dense)
+
 
 def detect_domain(identifier: str) -> str:
     """The domain of a dataset or env id; it selects presets and reward transforms."""

@@ -132,12 +132,15 @@ def test_build_dispatches_buildable_ids_and_rejects_others(monkeypatch, minari_r
     monkeypatch.setattr(builders, "build_from_policy", lambda *a, **k: calls.append((a, k)))
     bd.build("local/pointmaze/medium-dense-v0")
     bd.build("local/halfcheetah/random-v0")
-    assert calls[0][0] == ("medium", True) and calls[1][0] == ("HalfCheetah-v5", None)
+    bd.build("local/pointmaze/medium-30k-v0")  # the no-argument runs' data: 30k steps instead of 200k
+    assert calls[0][0] == ("medium", True, bd.DEFAULT_POINTMAZE_STEPS) and calls[1][0] == ("HalfCheetah-v5", None)
     assert calls[1][1]["dataset_id"] == "local/halfcheetah/random-v0"
+    assert calls[2][0] == ("medium", False, 30_000) and calls[2][1]["dataset_id"] == "local/pointmaze/medium-30k-v0"
     assert bd.is_buildable("local/pointmaze/umaze-dense-v0")
     assert bd.is_buildable("local/hopper/random-v0")
     for bad in ["local/pointmaze/spiral-v0", "local/nosuchenv/random-v0", "D4RL/pointmaze/umaze-v2",
-                "local/hopper/expert-v0", "local/pointmaze/umaze-v1"]:
+                "local/hopper/expert-v0", "local/pointmaze/umaze-v1", "local/pointmaze/umaze-0k-v0",
+                "local/pointmaze/umaze-30-v0"]:
         assert not bd.is_buildable(bad)
         with pytest.raises(ValueError, match="Cannot build dataset"):
             bd.build(bad)

@@ -39,6 +39,15 @@ def test_resolve_names(name, dataset_id, domain):
     assert (task.dataset_id, task.domain, task.env_id) == (dataset_id, domain, None)
 
 
+@pytest.mark.parametrize("name, sparse", [
+    ("local/pointmaze/medium-30k-v0", True), ("pointmaze-medium", True), ("antmaze-large", True),
+    ("local/pointmaze/umaze-dense-v0", False), ("pointmaze-large-dense", False), ("hopper-medium", False),
+    ("kitchen-mixed", False),
+])
+def test_sparse_reward_tasks_are_antmaze_and_sparse_pointmaze(name, sparse):
+    assert datasets.resolve(name).sparse_reward == sparse
+
+
 def test_resolve_gymnasium_env_is_online_only():
     task = datasets.resolve("Hopper-v5")
     assert task.dataset_id is None and task.env_id == "Hopper-v5" and task.domain == "locomotion"

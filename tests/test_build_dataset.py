@@ -132,7 +132,7 @@ def test_build_dispatches_buildable_ids_and_rejects_others(monkeypatch, minari_r
     monkeypatch.setattr(builders, "build_from_policy", lambda *a, **k: calls.append((a, k)))
     bd.build("local/pointmaze/medium-dense-v0")
     bd.build("local/halfcheetah/random-v0")
-    bd.build("local/pointmaze/medium-30k-v0")  # the no-argument runs' data: 30k steps instead of 200k
+    bd.build("local/pointmaze/medium-30k-v0")  # a size in the id: 30k steps instead of 200k
     assert calls[0][0] == ("medium", True, bd.DEFAULT_POINTMAZE_STEPS) and calls[1][0] == ("HalfCheetah-v5", None)
     assert calls[1][1]["dataset_id"] == "local/halfcheetah/random-v0"
     assert calls[2][0] == ("medium", False, 30_000) and calls[2][1]["dataset_id"] == "local/pointmaze/medium-30k-v0"

@@ -43,6 +43,7 @@ def test_resolve_names(name, dataset_id, domain):
     ("local/pointmaze/medium-30k-v0", True), ("pointmaze-medium", True), ("antmaze-large", True),
     ("local/pointmaze/umaze-dense-v0", False), ("pointmaze-large-dense", False), ("hopper-medium", False),
     ("kitchen-mixed", False),
+    ("PointMaze_UMaze-v3", True), ("PointMaze_UMazeDense-v3", False),  # online-only Gymnasium envs
 ])
 def test_sparse_reward_tasks_are_antmaze_and_sparse_pointmaze(name, sparse):
     assert datasets.resolve(name).sparse_reward == sparse

@@ -75,8 +75,9 @@ actor lr 1e-4, critic lr 3e-4, batch 256 and the importance-sampled log-sum-exp 
     written for D4RL's dense Adroit rewards, which Minari's Adroit data keep: 3x256 actor and
     critics, alpha 1 fixed, max backup, no BC, raw reward, 1M + 1M; mixing 0.5 (CORL: one
     shared buffer; gap clipped below at -200). Cal-QL's Adroit script is for the binary tasks.
-  * pointmaze (rlkit): ours, the locomotion settings on 2x64 networks, 5k BC updates,
-    20k + 20k: the no-argument run, sized for about 10 minutes on a 2-core CPU.
+  * pointmaze (jaxcql): ours, for the no-argument run on a sparse maze: calql.py's pointmaze
+    preset without the calibration (the Cal-QL paper's CQL baseline): alpha 5, max backup, no
+    BC, reward 10 r - 5, 2x64 networks, 20k + 20k, 20 evaluation episodes.
 On the other domains `--recipe` switches only the Lagrange form (with the start of alpha') and
 the max-target backup; the BC warm start is the `--bc-steps` preset value.
 
@@ -137,12 +138,12 @@ class Args:
     threshold 5, 40k BC, reward 4 (r - 0.5), offline only; locomotion (rlkit, cql_mujoco_new.py)
     3x256, alpha 5, 40k BC, offline only; kitchen (jaxcql, run_kitchen.sh) 3x512, alpha 5, plain
     log-sum-exp, max backup, 500k + 1.5M, mixing 0.25; adroit (jaxcql, CORL finetune configs)
-    3x256, alpha 1, max backup, 1M + 1M; pointmaze (rlkit, ours, about 10 minutes on a 2-core
-    CPU) 2x64, alpha 5, 5k BC, 20k + 20k. An offline step is one gradient update; an online
+    3x256, alpha 1, max backup, 1M + 1M; pointmaze (jaxcql, ours, about 10 minutes on a 2-core
+    CPU) 2x64, alpha 5, max backup, reward 10r - 5, 20k + 20k. An offline step is one gradient update; an online
     step is one environment step."""
 
     # --- run ---
-    env: str = "local/pointmaze/umaze-dense-v0"
+    env: str = "local/pointmaze/medium-30k-v0"
     """D4RL-style name (antmaze-large), Minari id or local dataset id."""
     seed: int = 0
     """One seed for network init, sampling, exploration and environment resets."""
@@ -172,8 +173,8 @@ class Args:
     """Share of every online-phase minibatch drawn from the offline data (Cal-QL's mixing ratio) [preset]."""
     eval_every: int = 10_000
     """Evaluate every this many steps of each phase, and at the end of each phase."""
-    eval_episodes: int = 10
-    """Episodes per evaluation (deterministic policy)."""
+    eval_episodes: int | None = None
+    """Episodes per evaluation (deterministic policy) [preset: 10; pointmaze 20]."""
     log_every: int = 1000
     """Write training scalars every this many offline updates (online: at the next trajectory end)."""
 
@@ -240,13 +241,13 @@ class Args:
 # max_q_backup False, deterministic_backup True) and the README's commands (policy_lr 1e-4)
 _RLKIT = dict(recipe="rlkit", actor_hidden_dims=(256, 256, 256), critic_hidden_dims=(256, 256, 256),
               max_target_backup=False, bc_steps=40_000, actor_lr=1e-4, reward_scale=1.0, reward_bias=0.0,
-              offline_steps=1_000_000, offline_ratio=0.5, cql_importance_sample=True)
+              offline_steps=1_000_000, offline_ratio=0.5, cql_importance_sample=True, eval_episodes=10)
 # nakamotoo/Cal-QL: JaxCQL/conservative_sac_main.py and conservative_sac.py defaults (policy_arch and
 # qf_arch 256-256, policy_lr 1e-4, cql_max_target_backup True, no BC), --enable_calql=False
 _JAXCQL = dict(recipe="jaxcql", actor_hidden_dims=(256, 256), critic_hidden_dims=(256, 256),
                max_target_backup=True, bc_steps=0, actor_lr=1e-4, reward_scale=1.0, reward_bias=0.0,
                offline_steps=1_000_000, offline_ratio=0.5, cql_importance_sample=True, cql_alpha=5.0,
-               cql_lagrange=False)
+               cql_lagrange=False, eval_episodes=10)
 PRESETS: dict[str, dict[str, Any]] = {
     # README MuJoCo command (cql_mujoco_new.py): min_q_weight 5, lagrange_thresh -1 (off); offline only
     "locomotion": dict(_RLKIT, cql_alpha=5.0, cql_lagrange=False, online_steps=0),
@@ -268,17 +269,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     # cql_max_target_backup, bc_steps 0, raw reward, 1M + 1M
     "adroit": dict(_JAXCQL, actor_hidden_dims=(256, 256, 256), critic_hidden_dims=(256, 256, 256),
                    cql_alpha=1.0, online_steps=1_000_000),
-    # ours: the no-argument run, the locomotion settings on 2x64 networks, sized for about 10 minutes
-    # on a 2-core CPU (PRESET_NOTES)
-    "pointmaze": dict(_RLKIT, actor_hidden_dims=(64, 64), critic_hidden_dims=(64, 64), cql_alpha=5.0,
-                      cql_lagrange=False, bc_steps=5000, offline_steps=20_000, online_steps=20_000),
+    # ours: the no-argument run on a sparse maze, calql.py's pointmaze preset without the calibration
+    # (the Cal-QL paper's CQL baseline), sized for about 10 minutes on a 2-core CPU (PRESET_NOTES)
+    "pointmaze": dict(_JAXCQL, actor_hidden_dims=(64, 64), critic_hidden_dims=(64, 64), offline_steps=20_000,
+                      online_steps=20_000, reward_scale=10.0, reward_bias=-5.0, eval_episodes=20),
 }
 PRESETS["default"] = PRESETS["locomotion"]
 # What a preset is and why, printed at the start of a new run (domains whose preset is not a paper's).
 PRESET_NOTES: dict[str, str] = {
-    "pointmaze": "ours, not a paper's: CQL (rlkit recipe, alpha 5, 5k BC updates) on 2x64 networks, 20k offline "
-                 "updates then 20k online steps, sized to finish in about 10 minutes on a 2-core CPU; the paper "
-                 "presets (3x256 or wider, 1M updates) apply to the paper datasets.",
+    "pointmaze": "ours, not a paper's: calql.py's pointmaze preset without the calibration (JaxCQL recipe, alpha 5, "
+                 "max backup, rewards 10 r - 5 as on AntMaze) on 2x64 networks, 20k offline updates then 20k online "
+                 "steps, sized to finish in about 10 minutes on a 2-core CPU; the paper presets (3x256 or wider, 1M "
+                 "updates) apply to the paper datasets.",
 }
 
 

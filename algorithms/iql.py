@@ -140,7 +140,7 @@ class Args:
     A step is one update offline and one environment step online."""
 
     # --- run ---
-    env: str = "local/pointmaze/umaze-dense-v0"
+    env: str = "local/pointmaze/medium-30k-v0"
     """D4RL-style name (antmaze-large), Minari id, or local dataset id; IQL needs a dataset."""
     seed: int = 0
     """One seed for network init, sampling, exploration and environment resets."""
@@ -216,7 +216,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                    online_steps=0, eval_every=5000, eval_episodes=10),
     # ours: the no-argument run, sized for about 10 minutes on a 2-core CPU (PRESET_NOTES)
     "pointmaze": dict(expectile=0.7, beta=3.0, dropout_rate=0.0, offline_steps=40_000,
-                      online_steps=40_000, eval_every=5000, eval_episodes=10),
+                      online_steps=40_000, eval_every=5000, eval_episodes=20),
 }
 # What a preset is and why, printed at the start of a new run (domains whose preset is not a paper's).
 PRESET_NOTES: dict[str, str] = {

@@ -37,7 +37,7 @@ Deviations (named, not hidden):
   * Offline rows keep their own next observations (the official loader pairs obs[i] with
     obs[i + 1], dropping timeouts); the RL buffer never overwrites; the moment-matched variance is
     floored at e^-40 (no NaN gradient).
-  * PointMaze (ours, the no-argument run): 2x64, 5k pre-training updates, 10 epochs, rewards x 20.
+  * PointMaze (ours, the no-argument run): 2x64, 5k pre-training updates, 10 epochs, rewards 4 (r - 0.5).
 
 Usage:
   python algorithms/off2on.py                                  # local PointMaze: pre-train 5 CQL agents, fine-tune
@@ -93,7 +93,7 @@ class Args:
     online step is one environment step."""
 
     # --- run ---
-    env: str = "local/pointmaze/umaze-dense-v0"
+    env: str = "local/pointmaze/medium-30k-v0"
     """D4RL-style name (halfcheetah-medium), Minari id or local dataset id."""
     seed: int = 0
     """One seed for sampling, exploration and environment resets; pre-trained member i uses seed + 4 i."""
@@ -207,8 +207,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "antmaze": dict(_PAPER, cql_lagrange=True, reward_scale=4.0, reward_bias=-2.0),
     # ours: the no-argument run (PRESET_NOTES)
     "pointmaze": dict(_PAPER, actor_hidden_dims=(64, 64), critic_hidden_dims=(64, 64), density_hidden_dims=(64, 64),
-                      offline_steps=5000, online_steps=10_000, eval_every=2000, eval_episodes=10, bc_steps=1000,
-                      reward_scale=20.0),
+                      offline_steps=5000, online_steps=10_000, eval_every=2000, eval_episodes=20, bc_steps=1000,
+                      reward_scale=4.0, reward_bias=-2.0),
 }
 # Per-task settings over the domain's (names that a dataset id contains): the paper's Appendix D.1,
 # "3-layer MLPs" for the CQL agents of halfcheetah-medium-expert (ParallelMlp's num_hidden_layers == 3 branch)
@@ -216,7 +216,7 @@ TASK_PRESETS: dict[tuple[str, ...], dict[str, Any]] = {
     ("halfcheetah", "medium-expert"): dict(actor_hidden_dims=(256, 256, 256), critic_hidden_dims=(256, 256, 256)),
 }
 PRESET_NOTES: dict[str, str] = {
-    "pointmaze": "ours, not a paper's: 5 CQL agents (alpha 5, 1k BC updates, rewards x 20 to locomotion's scale) on "
+    "pointmaze": "ours, not a paper's: 5 CQL agents (alpha 5, 1k BC updates, rewards 4 (r - 0.5) as on AntMaze) on "
                  "2x64 networks pre-trained for 5k vmapped updates, then 10 epochs of 1000 steps, small enough for a "
                  "CPU (over 10 minutes on a 2-core CPU); the paper presets (2x256, 1M updates, 250 epochs) apply to "
                  "the paper datasets.",

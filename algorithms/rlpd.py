@@ -88,7 +88,7 @@ class Args:
     steps) offline."""
 
     # --- run ---
-    env: str = "local/pointmaze/umaze-dense-v0"
+    env: str = "local/pointmaze/medium-30k-v0"
     """D4RL-style name (antmaze-large), Minari id, local dataset id, or Gymnasium id (online-only, with --offline-ratio 0)."""
     seed: int = 0
     """One seed for network init, sampling, exploration and environment resets."""
@@ -120,8 +120,8 @@ class Args:
     """Share of every minibatch drawn from the offline data (0 = online only, RLPD: 0.5)."""
     eval_every: int = 5000
     """Evaluate every this many steps of each phase."""
-    eval_episodes: int = 10
-    """Episodes per evaluation (deterministic policy)."""
+    eval_episodes: int | None = None
+    """Episodes per evaluation (deterministic policy) [preset: 10; pointmaze 20]."""
     log_every: int = 1000
     """Write training scalars every this many steps."""
 
@@ -154,16 +154,16 @@ class Args:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "locomotion": dict(hidden_dims=(256, 256), num_min_qs=2, backup_entropy=True, utd=20,
-                       online_steps=250_000, start_training=5000),
+                       online_steps=250_000, start_training=5000, eval_episodes=10),
     "antmaze": dict(hidden_dims=(256, 256, 256), num_min_qs=1, backup_entropy=False, utd=20,
-                    online_steps=300_000, start_training=5000),
+                    online_steps=300_000, start_training=5000, eval_episodes=10),
     "adroit": dict(hidden_dims=(256, 256, 256), num_min_qs=2, backup_entropy=False, utd=20,
-                   online_steps=1_000_000, start_training=5000),
+                   online_steps=1_000_000, start_training=5000, eval_episodes=10),
     # ours: the no-argument run, sized for about 10 minutes on a 2-core CPU (PRESET_NOTES)
     "pointmaze": dict(hidden_dims=(64, 64), num_min_qs=2, backup_entropy=True, utd=10,
-                      online_steps=15_000, start_training=1000),
+                      online_steps=15_000, start_training=1000, eval_episodes=20),
     "default": dict(hidden_dims=(256, 256), num_min_qs=2, backup_entropy=True, utd=20,
-                    online_steps=1_000_000, start_training=10_000),
+                    online_steps=1_000_000, start_training=10_000, eval_episodes=10),
 }
 # What a preset is and why, printed at the start of a new run (domains whose preset is not a paper's).
 PRESET_NOTES: dict[str, str] = {

@@ -17,6 +17,8 @@ def small_args(module, **overrides):
     preset = module.apply_preset(module.Args(), "pointmaze")
     settings = dict(actor_hidden_dims=(32, 32), critic_hidden_dims=(32, 32), bc_steps=0, cql_n_actions=4,
                     target_entropy=-float(ACTION_DIM))
+    if module is cql:  # cql.py's own recipe (its pointmaze preset is calql.py's, uncalibrated)
+        settings.update(recipe="rlkit", max_target_backup=False)
     return dataclasses.replace(preset, **{**settings, **overrides})
 
 

@@ -114,14 +114,13 @@ def test_actor_loss_is_alpha_log_pi_minus_the_members_mean_of_twin_mins():
     assert np.all(np.sum(per_member, axis=0) > 0)
 
 
-def test_pointmaze_rewards_are_scaled_to_locomotion_in_pretraining_and_fine_tuning():
-    """On raw PointMaze rewards (mean 0.24 per step) CQL alpha 5 and the temperature reset to 1
-    swamp the reward: the pre-trained critics sat far below every true value and fine-tuning lost
-    the pre-trained policy in its first epoch (docs, Off2On). The preset scales rewards by 20
-    (about halfcheetah-medium's 4.8 per step) for both phases; the paper's domains stay raw."""
+def test_pointmaze_rewards_follow_the_antmaze_transform_in_pretraining_and_fine_tuning():
+    """The no-argument run is a sparse maze: the preset takes the AntMaze transform 4 (r - 0.5)
+    (CQL's AntMaze loader) for both phases; the paper's locomotion domains stay raw."""
     args = off2on.apply_preset(off2on.Args(), "pointmaze")
-    assert (args.reward_scale, args.reward_bias) == (20.0, 0.0)
-    np.testing.assert_allclose(off2on.transform_rewards(np.float32(0.5), args), 10.0)
+    assert (args.reward_scale, args.reward_bias) == (4.0, -2.0)
+    np.testing.assert_allclose(off2on.transform_rewards(np.float32(1.0), args), 2.0)
+    np.testing.assert_allclose(off2on.transform_rewards(np.float32(0.0), args), -2.0)
     assert off2on.apply_preset(off2on.Args(), "locomotion").reward_scale == 1.0
     assert off2on.apply_preset(off2on.Args(reward_scale=1.0), "pointmaze").reward_scale == 1.0  # an explicit flag wins
 
@@ -462,11 +461,15 @@ def test_pretrained_refuses_a_run_whose_pretraining_has_not_finished(reference_r
 
 
 MARGIN = 10.0  # normalized-score points, below the smallest mean gain of 3 consecutive seeds measured (14.0)
+# The dense UMaze set (the no-argument data before it became a sparse maze) with the rewards x 20 and
+# 10 evaluation episodes this check was measured with.
+DENSE_UMAZE = ["--env", "local/pointmaze/umaze-dense-v0", "--reward-scale", "20", "--reward-bias", "0",
+               "--eval-episodes", "10"]
 
 
 @pytest.mark.slow
 def test_fine_tuning_improves_the_pretrained_ensemble(tmp_path):
-    """The default PointMaze dataset, built fresh as on a first run, and the no-argument preset
+    """The dense UMaze dataset, built fresh, and the pointmaze preset (rewards x 20, DENSE_UMAZE)
     with 2 members and 2 epochs, seeds 0, 1 and 2: Off2On's fine-tuning (balanced replay,
     pessimistic ensemble) raises the normalized score of the pre-trained ensemble by more than
     MARGIN points on average. Measured (docs, Off2On; seeds 0 to 4): 4.0 -> 49.1, 7.1 -> 21.1,
@@ -477,8 +480,8 @@ def test_fine_tuning_improves_the_pretrained_ensemble(tmp_path):
     gains = []
     for seed in (0, 1, 2):
         log_dir = tmp_path / f"runs{seed}"
-        result = run_script("off2on.py", "--ensemble-size", "2", "--online-steps", "2000", "--eval-every", "1000",
-                            "--seed", str(seed), "--progress", "False", "--log-dir", str(log_dir),
+        result = run_script("off2on.py", *DENSE_UMAZE, "--ensemble-size", "2", "--online-steps", "2000",
+                            "--eval-every", "1000", "--seed", str(seed), "--progress", "False", "--log-dir", str(log_dir),
                             timeout=3600, env=env)
         assert result.returncode == 0, result.stderr[-2000:]
         (run_dir,) = log_dir.iterdir()

@@ -24,15 +24,15 @@ DOMAINS = ("locomotion", "antmaze", "adroit", "kitchen", "pointmaze")  # every d
 # RLPD: ikostrikov/rlpd README.md commands, configs/rlpd_config.py; kitchen: the official defaults.
 RLPD = {
     "locomotion": dict(hidden_dims=X256, num_min_qs=2, backup_entropy=True, utd=20, online_steps=250_000,
-                       start_training=5000),
+                       start_training=5000, eval_episodes=10),
     "antmaze": dict(hidden_dims=(256,) * 3, num_min_qs=1, backup_entropy=False, utd=20, online_steps=300_000,
-                    start_training=5000),
+                    start_training=5000, eval_episodes=10),
     "adroit": dict(hidden_dims=(256,) * 3, num_min_qs=2, backup_entropy=False, utd=20, online_steps=M,
-                   start_training=5000),
-    "kitchen": dict(hidden_dims=X256, num_min_qs=2, backup_entropy=True, utd=20, online_steps=M, start_training=10_000),
+                   start_training=5000, eval_episodes=10),
+    "kitchen": dict(hidden_dims=X256, num_min_qs=2, backup_entropy=True, utd=20, online_steps=M, start_training=10_000, eval_episodes=10),
     # ours: the no-argument run, sized for about 10 minutes on a 2-core CPU
     "pointmaze": dict(hidden_dims=(64, 64), num_min_qs=2, backup_entropy=True, utd=10, online_steps=15_000,
-                      start_training=1000),
+                      start_training=1000, eval_episodes=20),
 }
 
 # IQL: ikostrikov/implicit_q_learning configs/*.py and README commands. Fine-tuning (constant lr)
@@ -49,7 +49,7 @@ IQL = {
                     actor_lr_schedule="cosine", **_IQL_EVAL),
     # ours: the no-argument run, sized for about 10 minutes on a 2-core CPU
     "pointmaze": dict(expectile=0.7, beta=3.0, dropout_rate=0.0, offline_steps=40_000, online_steps=40_000,
-                      actor_lr_schedule="constant", **_IQL_EVAL),
+                      actor_lr_schedule="constant", eval_every=5000, eval_episodes=20),
 }
 
 # CQL, keyed by (domain, explicit --recipe or None). rlkit: aviralkumar2907/CQL's
@@ -57,10 +57,10 @@ IQL = {
 # with --enable_calql=False; adroit: CORL configs/finetune/cql/*/cloned_v1.yaml.
 _RLKIT = dict(recipe="rlkit", actor_hidden_dims=(256,) * 3, critic_hidden_dims=(256,) * 3, max_target_backup=False,
               bc_steps=40_000, actor_lr=1e-4, reward_scale=1.0, reward_bias=0.0, offline_steps=M, offline_ratio=0.5,
-              cql_importance_sample=True, lagrange_threshold=5.0, cql_target_action_gap=0.8)
+              cql_importance_sample=True, lagrange_threshold=5.0, cql_target_action_gap=0.8, eval_episodes=10)
 _JAXCQL = dict(recipe="jaxcql", actor_hidden_dims=X256, critic_hidden_dims=X256, max_target_backup=True, bc_steps=0,
                actor_lr=1e-4, reward_scale=1.0, reward_bias=0.0, offline_steps=M, offline_ratio=0.5,
-               cql_importance_sample=True, lagrange_threshold=5.0, cql_target_action_gap=0.8)
+               cql_importance_sample=True, lagrange_threshold=5.0, cql_target_action_gap=0.8, eval_episodes=10)
 CQL = {
     ("locomotion", None): dict(_RLKIT, cql_alpha=5.0, cql_lagrange=False, online_steps=0),
     ("antmaze", None): dict(_JAXCQL, critic_hidden_dims=(256,) * 4, cql_alpha=5.0, cql_lagrange=True,
@@ -73,8 +73,9 @@ CQL = {
     ("adroit", None): dict(_JAXCQL, actor_hidden_dims=(256,) * 3, critic_hidden_dims=(256,) * 3, cql_alpha=1.0,
                            cql_lagrange=False, online_steps=M),
     # ours: the no-argument run, sized for about 10 minutes on a 2-core CPU
-    ("pointmaze", None): dict(_RLKIT, actor_hidden_dims=(64, 64), critic_hidden_dims=(64, 64), cql_alpha=5.0,
-                              cql_lagrange=False, bc_steps=5000, offline_steps=20_000, online_steps=20_000),
+    ("pointmaze", None): dict(_JAXCQL, actor_hidden_dims=(64, 64), critic_hidden_dims=(64, 64), cql_alpha=5.0,
+                              cql_lagrange=False, offline_steps=20_000, online_steps=20_000, reward_scale=10.0,
+                              reward_bias=-5.0, eval_episodes=20),
 }
 # An explicit --recipe equal to the domain's own gives the same preset.
 CQL[("antmaze", "jaxcql")] = CQL[("antmaze", None)]
@@ -84,7 +85,7 @@ CQL[("locomotion", "rlkit")] = CQL[("locomotion", None)]
 # defaults for locomotion; dense Adroit: CORL configs/finetune/cal_ql/*/cloned_v1.yaml.
 _CALQL = dict(actor_hidden_dims=X256, critic_hidden_dims=X256, cql_alpha=5.0, cql_lagrange=False,
               cql_target_action_gap=0.8, max_target_backup=True, actor_lr=1e-4, bc_steps=0, reward_scale=1.0,
-              reward_bias=0.0, offline_steps=M, offline_ratio=0.5, cql_importance_sample=True)
+              reward_bias=0.0, offline_steps=M, offline_ratio=0.5, cql_importance_sample=True, eval_episodes=10)
 CALQL = {
     "locomotion": dict(_CALQL, online_steps=0),
     "antmaze": dict(_CALQL, critic_hidden_dims=(256,) * 4, cql_lagrange=True, reward_scale=10.0, reward_bias=-5.0,
@@ -94,7 +95,7 @@ CALQL = {
                     cql_importance_sample=False, offline_steps=500_000, online_steps=1_500_000, offline_ratio=0.25),
     # ours: the no-argument run, sized for about 10 minutes on a 2-core CPU
     "pointmaze": dict(_CALQL, actor_hidden_dims=(64, 64), critic_hidden_dims=(64, 64), offline_steps=20_000,
-                      online_steps=20_000),
+                      online_steps=20_000, reward_scale=10.0, reward_bias=-5.0, eval_episodes=20),
 }
 
 # WSRL (docs/algorithms/wsrl.md), zhouzypaul/wsrl (891ee35). Pre-training: experiments/scripts/
@@ -122,7 +123,8 @@ WSRL = {
                        actor_hidden_dims=X256),
     # ours: the no-argument run, sized for minutes on a CPU
     "pointmaze": dict(_WSRL, offline_steps=2000, critic_hidden_dims=(64, 64), actor_hidden_dims=(64, 64),
-                      online_steps=6000, warmup_steps=1000, eval_every=2000),
+                      online_steps=6000, warmup_steps=1000, eval_every=2000, reward_scale=10.0, reward_bias=-5.0,
+                      max_target_backup=True),
 }
 
 # Off2On (docs/algorithms/off2on.md), shlee94/Off2OnRL (6f298fa): rlkit/examples/ours.py (2x256
@@ -149,7 +151,8 @@ OFF2ON = {  # keyed by (domain, dataset id or None)
     # ours: the no-argument run, sized for a CPU
     ("pointmaze", None): dict(_OFF2ON, actor_hidden_dims=(64, 64), critic_hidden_dims=(64, 64),
                               density_hidden_dims=(64, 64), offline_steps=5000, online_steps=10_000, eval_every=2000,
-                              eval_episodes=10, bc_steps=1000, reward_scale=20.0),
+                              eval_episodes=20, bc_steps=1000, reward_scale=4.0,
+                              reward_bias=-2.0),
 }
 
 

@@ -30,8 +30,8 @@ entropy backup, 300k steps; adroit ("Adroit Binary") 3x256, Z=2, no entropy back
 random actions for the first 5000 steps (`--start_training 5000` in all three); G=20 in all.
 Other domains (kitchen) take the official defaults (2x256, Z=2, backup on, G=20, `max_steps`
 1M, `start_training` 10000). pointmaze is our own preset, sized for the no-argument run to
-finish in about 10 minutes on a 2-core CPU: 2x64, Z=2, backup on, G=10, 15k steps, 1000 random
-(still E=10 LayerNorm critics and symmetric sampling).
+finish in about 10 minutes on a 2-core CPU: 2x64, Z=2, backup on, G=10, 15k steps, 1000 random,
+20 evaluation episodes (still E=10 LayerNorm critics and symmetric sampling).
 
 Deviations: none in the algorithm (benchmarks/parity.py checks the update against SACLearner's).
 Logged differently: the temperature after its step (the official code logs it before), and the

@@ -117,7 +117,8 @@ def test_a_run_folder_that_used_the_retired_wsrl_switches_gets_one_message(modul
 
 
 def test_cql_rejects_an_entropy_term_with_its_max_backup(tmp_path):
-    result = run_script("cql.py", "--log-dir", str(tmp_path), "--max-target-backup", "True", "--backup-entropy", "True")
+    result = run_script("cql.py", "--log-dir", str(tmp_path), "--recipe", "rlkit", "--max-target-backup", "True",
+                        "--backup-entropy", "True")
     assert result.returncode == 2 and "drop --backup-entropy" in result.stderr
 
 

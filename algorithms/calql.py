@@ -114,8 +114,8 @@ class Args:
     1M + 1M; adroit (CORL's dense-Adroit config) 3x256, alpha 1, raw reward, 1M + 1M; kitchen
     (run_kitchen.sh) 3x512, alpha 5, plain log-sum-exp, 500k + 1.5M, mixing 0.25; locomotion
     (code defaults) 2x256, alpha 5, 1M offline only; pointmaze (ours, about 10 minutes on a
-    2-core CPU) as locomotion with reward 10r - 5 on 2x64, 20k + 20k. An offline step is one gradient update; an
-    online step is one environment step."""
+    2-core CPU) as locomotion with reward 10r - 5 on 2x64, 20k + 20k. An offline step is one
+    gradient update; an online step is one environment step."""
 
     # --- run ---
     env: str = "local/pointmaze/medium-30k-v0"

@@ -139,8 +139,8 @@ class Args:
     3x256, alpha 5, 40k BC, offline only; kitchen (jaxcql, run_kitchen.sh) 3x512, alpha 5, plain
     log-sum-exp, max backup, 500k + 1.5M, mixing 0.25; adroit (jaxcql, CORL finetune configs)
     3x256, alpha 1, max backup, 1M + 1M; pointmaze (jaxcql, ours, about 10 minutes on a 2-core
-    CPU) 2x64, alpha 5, max backup, reward 10r - 5, 20k + 20k. An offline step is one gradient update; an online
-    step is one environment step."""
+    CPU) 2x64, alpha 5, max backup, reward 10r - 5, 20k + 20k. An offline step is one gradient
+    update; an online step is one environment step."""
 
     # --- run ---
     env: str = "local/pointmaze/medium-30k-v0"

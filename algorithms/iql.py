@@ -71,8 +71,8 @@ actor schedule.
     Adroit" command): expectile 0.7, beta 0.5, actor dropout 0.1, 1M offline updates only,
     cosine; 10 episodes every 5000 steps.
   * pointmaze: ours, locomotion-like 0.7, 3 (raw 0/1 goal reward on the sparse default), 40k
-    offline + 40k online steps, constant lr; 20 episodes every 5000 steps. Sized for the no-argument run
-    to finish in about 10 minutes on a 2-core CPU, with both phases.
+    offline + 40k online steps, constant lr; 20 episodes every 5000 steps. Sized for the
+    no-argument run to finish in about 10 minutes on a 2-core CPU, with both phases.
 Fine-tuning on any domain is one flag away (`--online-steps 1000000`, which also makes the
 schedule constant unless `--actor-lr-schedule` is given); AntMaze offline-only as in the
 paper's offline table is `--online-steps 0` (cosine, as `train_offline.py` with
